@@ -1,0 +1,77 @@
+"""Sequence rewards for RL: the length reward, a learned reward model, sums.
+
+A reward is a pytree-friendly pair: `params` (arrays, passed into jitted code
+as arguments, never baked in as constants) and a pure
+`apply(params, encoder_input_tokens, response_tokens) -> [batch] float32`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+
+from dera_t5x import models
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Reward:
+    """A reward function with its parameters.
+
+    Attributes:
+      name: shown in metrics.
+      apply: (params, encoder_input_tokens [batch, enc_len],
+        response_tokens [batch, dec_len]) -> [batch] float32. Responses hold
+        the sampled tokens, EOS included, 0 after the end.
+      params: any pytree (None for rewards without parameters).
+    """
+
+    name: str
+    apply: Callable[[Any, Array, Array], Array]
+    params: Any = None
+
+    def __call__(self, encoder_input_tokens: Array, response_tokens: Array) -> Array:
+        return self.apply(self.params, encoder_input_tokens, response_tokens)
+
+
+def response_length(response_tokens: Array) -> Array:
+    """Tokens before EOS: [batch, dec_len] -> [batch] float32.
+
+    Counts the nonzero tokens that are not EOS, so a response "a b c EOS" has
+    length 3; a response cut at the decode limit without EOS counts all its
+    tokens.
+    """
+    tokens = response_tokens
+    return jnp.sum((tokens != 0) & (tokens != models.EOS_ID), axis=-1).astype(jnp.float32)
+
+
+@gin.configurable
+def length_reward(scale: float = 1.0) -> Reward:
+    """r(x, y) = scale * response_length(y); no cap beyond the decode length."""
+
+    def apply(params, encoder_input_tokens, response_tokens):
+        del params, encoder_input_tokens
+        return scale * response_length(response_tokens)
+
+    return Reward(name="length", apply=apply)
+
+
+def sum_of_rewards(rewards: Sequence[Reward], weights: Sequence[float] | None = None) -> Reward:
+    """r = sum_i w_i r_i, with each reward's parameters carried along."""
+    rewards = tuple(rewards)
+    weights = tuple(weights) if weights is not None else (1.0,) * len(rewards)
+    if not rewards or len(weights) != len(rewards):
+        raise ValueError(f"sum_of_rewards needs one weight per reward, got {len(rewards)} "
+                         f"rewards and {len(weights)} weights.")
+
+    def apply(params, encoder_input_tokens, response_tokens):
+        return sum(w * r.apply(p, encoder_input_tokens, response_tokens)
+                   for w, r, p in zip(weights, rewards, params))
+
+    return Reward(name="+".join(r.name for r in rewards), apply=apply,
+                  params=tuple(r.params for r in rewards))
