@@ -19,6 +19,18 @@ Params = Any
 PAD_ID = 0
 EOS_ID = 1
 DECODER_START_ID = 0
+EXCLUDED_LOGIT = -1e9
+
+
+def exclude_padding(logits: Array) -> Array:
+    """Logits [..., vocab] with the padding id made impossible (a large negative
+    logit, finite so that mixing and masking never produce NaN).
+
+    Generated text never contains padding: every sampling path, and every
+    log-prob of generated text used by RL and DeRa, uses the model's
+    distribution restricted to the other tokens.
+    """
+    return logits.at[..., PAD_ID].set(EXCLUDED_LOGIT)
 
 
 def shift_right(targets: Array, start_id: int = DECODER_START_ID) -> Array:
@@ -52,6 +64,15 @@ class EncoderDecoderModel:
         return self.module.apply({"params": params}, encoder_input_tokens,
                                  decoder_input_tokens, deterministic=dropout_rng is None,
                                  rngs=rngs)
+
+    def hidden_and_logits(self, params: Params, encoder_input_tokens: Array,
+                          decoder_input_tokens: Array, dropout_rng: Array | None = None
+                          ) -> tuple[Array, Array]:
+        """Final decoder hidden states [batch, dec_len, emb] and logits [batch, dec_len, vocab]."""
+        rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
+        return self.module.apply({"params": params}, encoder_input_tokens,
+                                 decoder_input_tokens, deterministic=dropout_rng is None,
+                                 rngs=rngs, method=network.Transformer.hidden_and_logits)
 
     def loss(self, params: Params, batch: Mapping[str, Array],
              dropout_rng: Array | None = None, *, z_loss: float = 0.0,
@@ -98,11 +119,17 @@ class EncoderDecoderModel:
         return total, metrics
 
     def token_log_probs(self, params: Params, encoder_input_tokens: Array,
-                        decoder_target_tokens: Array,
-                        dropout_rng: Array | None = None) -> Array:
-        """log p(target_t | input, target_<t): [batch, dec_len] float32, 0 on padding."""
+                        decoder_target_tokens: Array, dropout_rng: Array | None = None,
+                        *, exclude_pad: bool = False) -> Array:
+        """log p(target_t | input, target_<t): [batch, dec_len] float32, 0 on padding.
+
+        With `exclude_pad`, p is the distribution generation samples from
+        (see `exclude_padding`); without it, the network's full softmax.
+        """
         logits = self.logits(params, encoder_input_tokens,
                              shift_right(decoder_target_tokens), dropout_rng)
+        if exclude_pad:
+            logits = exclude_padding(logits)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         chosen = jnp.take_along_axis(log_probs, decoder_target_tokens[..., None], -1)[..., 0]
         return jnp.where(decoder_target_tokens > 0, chosen, 0.0)
@@ -128,12 +155,15 @@ class EncoderDecoderModel:
     def predict(self, params: Params, encoder_input_tokens: Array, rng: Array, *,
                 max_decode_len: int, temperature: float | Array = 0.0, top_k: int = 0,
                 top_p: float = 1.0) -> decoding.DecodeOutput:
-        """Samples (greedy by default) with the cached loop; call under `jax.jit`."""
+        """Samples (greedy by default) with the cached loop; call under `jax.jit`.
+
+        Padding is never generated (see `exclude_padding`).
+        """
         cache = self.init_decode_cache(params, encoder_input_tokens, max_decode_len)
 
         def tokens_to_logits(tokens, cache):
             logits, cache = self.decode_step(params, cache, tokens)
-            return logits, cache, {}
+            return exclude_padding(logits), cache, {}
 
         return decoding.sample(tokens_to_logits, cache, rng,
                                batch_size=encoder_input_tokens.shape[0],

@@ -370,16 +370,19 @@ class Decoder(nn.Module):
         if not cfg.logits_via_embedding:
             self.logits_dense = Dense(cfg.vocab_size, cfg.activation_dtype)
 
-    def _logits(self, x: Array, deterministic: bool) -> Array:
-        """Final norm and output layer: [batch, len, emb] -> float32 logits."""
-        x = self.dropout(self.decoder_norm(x), deterministic=deterministic)
+    def _final(self, x: Array, deterministic: bool) -> Array:
+        """The final norm (and dropout): [batch, len, emb] -> hidden states."""
+        return self.dropout(self.decoder_norm(x), deterministic=deterministic)
+
+    def logits(self, hidden: Array) -> Array:
+        """Output layer: hidden [batch, len, emb] -> float32 logits [batch, len, vocab]."""
         if self.config.logits_via_embedding:
-            return self.shared_embedding.attend(x) / math.sqrt(self.config.emb_dim)
-        return self.logits_dense(x).astype(jnp.float32)
+            return self.shared_embedding.attend(hidden) / math.sqrt(self.config.emb_dim)
+        return self.logits_dense(hidden).astype(jnp.float32)
 
     def __call__(self, encoded: Array, encoder_mask: Array, decoder_input_tokens: Array,
                  deterministic: bool) -> Array:
-        """Teacher-forced logits [batch, dec_len, vocab] float32."""
+        """Teacher-forced final hidden states [batch, dec_len, emb]."""
         length = decoder_input_tokens.shape[1]
         positions = jnp.arange(length)
         causal = positions[None, :] <= positions[:, None]
@@ -388,7 +391,7 @@ class Decoder(nn.Module):
         x = self.dropout(self.shared_embedding(decoder_input_tokens), deterministic=deterministic)
         for layer in self.layers:
             x = layer(x, encoded, self_bias, cross_bias, deterministic)
-        return self._logits(x, deterministic)
+        return self._final(x, deterministic)
 
     def init_cache(self, encoded: Array, encoder_mask: Array, max_decode_len: int) -> dict:
         cfg = self.config
@@ -414,7 +417,7 @@ class Decoder(nn.Module):
         for layer, layer_cache in zip(self.layers, cache["layers"]):
             x, layer_cache = layer.step(x, layer_cache, index, self_bias, cache["cross_bias"])
             new_layers.append(layer_cache)
-        logits = self._logits(x, True)[:, 0]
+        logits = self.logits(self._final(x, True))[:, 0]
         return logits, dict(cache, index=index + 1, layers=tuple(new_layers))
 
 
@@ -436,13 +439,21 @@ class Transformer(nn.Module):
     def decode(self, encoded: Array, encoder_input_tokens: Array,
                decoder_input_tokens: Array, deterministic: bool = True) -> Array:
         """Teacher-forced logits [batch, dec_len, vocab] float32."""
-        return self.decoder(encoded, encoder_input_tokens > 0, decoder_input_tokens,
-                            deterministic)
+        return self.decoder.logits(self.decoder(encoded, encoder_input_tokens > 0,
+                                                decoder_input_tokens, deterministic))
 
     def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                  deterministic: bool = True) -> Array:
         encoded = self.encode(encoder_input_tokens, deterministic)
         return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, deterministic)
+
+    def hidden_and_logits(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+                          deterministic: bool = True) -> tuple[Array, Array]:
+        """Final decoder hidden states [batch, dec_len, emb] and their float32 logits."""
+        encoded = self.encode(encoder_input_tokens, deterministic)
+        hidden = self.decoder(encoded, encoder_input_tokens > 0, decoder_input_tokens,
+                              deterministic)
+        return hidden, self.decoder.logits(hidden)
 
     def init_cache(self, encoded: Array, encoder_input_tokens: Array,
                    max_decode_len: int) -> dict:

@@ -1,0 +1,224 @@
+"""KL-regularized RL of an encoder-decoder policy against a frozen reference.
+
+Maximizes E[r(x, y)] - beta * KL(pi || pi_ref) with a policy gradient and a
+learned value baseline, one RL step being:
+
+1. rollout: sample `num_samples` responses per input from the policy with
+   `decoding.sample` (through `models.predict`), temperature 1 by default;
+2. scoring: teacher-forced per-token log-probs of the responses under the
+   policy and the reference, the sequence reward, per-token rewards
+   `-beta * kl_t` plus the sequence reward at the last token, value
+   estimates, and GAE advantages (gamma 1, `gae_lambda` 1.0 by default, which
+   makes the advantage the return-to-go minus the value);
+3. update: REINFORCE with the value baseline (default) or PPO with clipping
+   (`ppo_epochs` updates on the same batch), plus the value regression.
+
+The value function is a linear head on the policy's final decoder hidden
+states, read through `stop_gradient`: the value loss trains only the head,
+the policy loss only the policy, and each has its own learning rate. Params
+are `{'policy': T5 params, 'value_head': {'kernel': [emb], 'bias': []}}`.
+
+The KL per token uses `log_ratio = log pi(y_t) - log pi_ref(y_t)` on samples
+from pi: k1 = log_ratio (default, unbiased), k3 = exp(-log_ratio) - 1 +
+log_ratio (non-negative, lower variance). The sequence KL is their sum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import gin
+import jax
+import jax.numpy as jnp
+
+from dera_t5x import models
+
+Array = jax.Array
+Params = Any
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """What the RL objective and its estimator are.
+
+    Attributes:
+      beta: KL strength (> 0).
+      kl_estimator: "k1" or "k3".
+      policy_loss: "reinforce" (value baseline) or "ppo" (clipped ratio).
+      gae_lambda: GAE lambda in [0, 1]; gamma is 1.
+      ppo_epochs: updates per rollout batch with "ppo".
+      ppo_clip: ratio clip epsilon with "ppo".
+      num_samples: responses sampled per input.
+      max_decode_len: rollout length limit.
+      temperature, top_k, top_p: rollout sampling (the KL-regularized optimum
+        assumes plain sampling: temperature 1, no filtering).
+    """
+
+    beta: float = 0.05
+    kl_estimator: str = "k1"
+    policy_loss: str = "reinforce"
+    gae_lambda: float = 1.0
+    ppo_epochs: int = 4
+    ppo_clip: float = 0.2
+    num_samples: int = 1
+    max_decode_len: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta)
+                and self.beta > 0):
+            raise ValueError(f"RLConfig.beta must be a finite number > 0, got {self.beta!r}; "
+                             "beta = 0 is unregularized RL, which DeRa cannot rescale.")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"RLConfig.kl_estimator must be 'k1' or 'k3', got "
+                             f"{self.kl_estimator!r}.")
+        if self.policy_loss not in ("reinforce", "ppo"):
+            raise ValueError(f"RLConfig.policy_loss must be 'reinforce' or 'ppo', got "
+                             f"{self.policy_loss!r}.")
+        if not 0.0 <= self.gae_lambda <= 1.0:
+            raise ValueError(f"RLConfig.gae_lambda must be in [0, 1], got {self.gae_lambda}.")
+        for name in ("ppo_epochs", "num_samples", "max_decode_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RLConfig.{name} must be >= 1, got {getattr(self, name)}.")
+
+    @property
+    def updates_per_rollout(self) -> int:
+        return self.ppo_epochs if self.policy_loss == "ppo" else 1
+
+
+def init_params(policy_params: Params, emb_dim: int) -> Params:
+    """RL params: the policy (from the SFT model) and a zero value head."""
+    return {"policy": policy_params,
+            "value_head": {"kernel": jnp.zeros((emb_dim,), jnp.float32),
+                           "bias": jnp.zeros((), jnp.float32)}}
+
+
+def kl_per_token(log_probs: Array, ref_log_probs: Array, estimator: str) -> Array:
+    """Per-token KL estimates [batch, len] from the log-probs of sampled tokens."""
+    log_ratio = log_probs - ref_log_probs
+    if estimator == "k1":
+        return log_ratio
+    return jnp.exp(-log_ratio) - 1.0 + log_ratio
+
+
+def token_rewards(sequence_reward: Array, kl: Array, mask: Array, beta: float) -> Array:
+    """-beta * kl_t on every response token, plus the sequence reward on the last.
+
+    Args:
+      sequence_reward: [batch]; kl, mask: [batch, len] (mask 1 on response tokens).
+    """
+    rewards = -beta * kl * mask
+    last = jnp.maximum(jnp.sum(mask, axis=1).astype(jnp.int32) - 1, 0)
+    return rewards.at[jnp.arange(rewards.shape[0]), last].add(sequence_reward)
+
+
+def gae(rewards: Array, values: Array, mask: Array, gae_lambda: float
+        ) -> tuple[Array, Array]:
+    """Generalized advantage estimates with gamma = 1.
+
+    Args:
+      rewards, values, mask: [batch, len]; the value after the last token is 0.
+    Returns:
+      (advantages, returns), each [batch, len], 0 off the mask.
+    """
+    values = values * mask
+    next_values = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1)
+    deltas = (rewards + next_values - values) * mask
+
+    def backward(carry, delta_and_mask):
+        delta, m = delta_and_mask
+        advantage = (delta + gae_lambda * carry) * m
+        return advantage, advantage
+
+    _, advantages = jax.lax.scan(backward, jnp.zeros_like(rewards[:, 0]),
+                                 (deltas.T, mask.T), reverse=True)
+    advantages = advantages.T
+    return advantages, (advantages + values) * mask
+
+
+def policy_outputs(model: models.EncoderDecoderModel, params: Params,
+                   encoder_input_tokens: Array, responses: Array
+                   ) -> tuple[Array, Array, Array]:
+    """Teacher-forced log-probs of the responses, values and entropies, [batch, len] each.
+
+    Values are V(x, y_<t), predicted before token t is chosen. Log-probs and
+    entropies are those of the sampling distribution (padding excluded).
+    """
+    hidden, logits = model.hidden_and_logits(params["policy"], encoder_input_tokens,
+                                             models.shift_right(responses))
+    log_softmax = jax.nn.log_softmax(models.exclude_padding(logits), axis=-1)
+    mask = (responses != 0).astype(jnp.float32)
+    log_probs = jnp.take_along_axis(log_softmax, responses[..., None], -1)[..., 0] * mask
+    entropy = -jnp.sum(jnp.exp(log_softmax) * log_softmax, axis=-1) * mask
+    head = params["value_head"]
+    values = (jax.lax.stop_gradient(hidden).astype(jnp.float32) @ head["kernel"]
+              + head["bias"]) * mask
+    return log_probs, values, entropy
+
+
+def score_rollouts(model: models.EncoderDecoderModel, config: RLConfig, params: Params,
+                   ref_params: Params, sequence_reward: Array,
+                   encoder_input_tokens: Array, responses: Array) -> dict[str, Array]:
+    """Everything the update needs, computed once per rollout batch.
+
+    Args:
+      sequence_reward: [batch] r(x, y).
+      encoder_input_tokens: [batch, enc_len]; responses: [batch, len].
+    Returns:
+      a batch dict with the inputs, `old_log_probs`, `advantages`, `returns`
+      ([batch, len]) and per-sequence `reward`, `kl`, `length`, `entropy`.
+    """
+    log_probs, values, entropy = policy_outputs(model, params, encoder_input_tokens, responses)
+    ref_log_probs = model.token_log_probs(ref_params, encoder_input_tokens, responses,
+                                          exclude_pad=True)
+    mask = (responses != 0).astype(jnp.float32)
+    kl = kl_per_token(log_probs, ref_log_probs, config.kl_estimator) * mask
+    rewards = token_rewards(sequence_reward, kl, mask, config.beta)
+    advantages, returns = gae(rewards, values, mask, config.gae_lambda)
+    return {
+        "encoder_input_tokens": encoder_input_tokens,
+        "responses": responses,
+        "old_log_probs": log_probs,
+        "advantages": advantages,
+        "returns": returns,
+        "reward": sequence_reward,
+        "kl": jnp.sum(kl, axis=1),
+        "length": jnp.sum(mask, axis=1),
+        "entropy": jnp.sum(entropy, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0),
+    }
+
+
+def loss(model: models.EncoderDecoderModel, config: RLConfig, params: Params,
+         batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
+    """Policy-gradient loss (per sequence) plus the value regression (per token).
+
+    Returns (loss, metrics) with `policy_loss`, `value_loss`, `clip_fraction`
+    and the rollout statistics `reward`, `kl`, `length`, `entropy`.
+    """
+    log_probs, values, _ = policy_outputs(model, params, batch["encoder_input_tokens"],
+                                          batch["responses"])
+    mask = (batch["responses"] != 0).astype(jnp.float32)
+    num_sequences = mask.shape[0]
+    num_tokens = jnp.maximum(jnp.sum(mask), 1.0)
+    advantages = batch["advantages"]
+    if config.policy_loss == "reinforce":
+        objective = log_probs * advantages
+        clip_fraction = jnp.zeros(())
+    else:
+        ratio = jnp.exp(log_probs - batch["old_log_probs"])
+        clipped = jnp.clip(ratio, 1.0 - config.ppo_clip, 1.0 + config.ppo_clip)
+        objective = jnp.minimum(ratio * advantages, clipped * advantages)
+        clip_fraction = jnp.sum((jnp.abs(ratio - 1.0) > config.ppo_clip) * mask) / num_tokens
+    policy_loss = -jnp.sum(objective * mask) / num_sequences
+    value_loss = 0.5 * jnp.sum(jnp.square(values - batch["returns"]) * mask) / num_tokens
+    total = policy_loss + value_loss
+    metrics = {"loss": total, "policy_loss": policy_loss, "value_loss": value_loss,
+               "clip_fraction": clip_fraction}
+    for name in ("reward", "kl", "length", "entropy"):
+        metrics[name] = jnp.mean(batch[name])
+    return total, metrics
