@@ -1,0 +1,94 @@
+"""RL against known optima and its safeguards (small models, seconds)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dera_t5x import models
+from dera_t5x import network
+from dera_t5x.training import rewards
+from dera_t5x.training import rl
+
+CONFIG = network.T5Config(vocab_size=8, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
+                          num_encoder_layers=1, num_decoder_layers=1,
+                          mlp_activations=("gelu", "linear"), logits_via_embedding=False,
+                          dropout_rate=0.0)
+TABLE = jnp.array([0.0, 1.0, -0.5, 2.0, 0.3, -1.0, 1.5, 0.0])
+PROMPTS = jnp.tile(jnp.array([[3, 4, 5, 1]], jnp.int32), (256, 1))
+
+
+def _table_reward():
+    """A one-step problem: the reward of a response is TABLE[first token]."""
+    return rewards.Reward("table", lambda table, x, y: table[y[:, 0]], TABLE)
+
+
+def _first_token_distribution(model, params):
+    logits = model.logits(params, PROMPTS[:1], jnp.zeros((1, 1), jnp.int32))[0, 0]
+    return jax.nn.softmax(models.exclude_padding(logits))
+
+
+@pytest.mark.parametrize("beta, policy_loss", [(0.5, "reinforce"), (2.0, "reinforce"),
+                                               (1.0, "ppo")])
+def test_one_step_rl_converges_to_the_kl_regularized_optimum(beta, policy_loss):
+    model = models.EncoderDecoderModel(CONFIG)
+    ref = model.init(jax.random.PRNGKey(0))
+    config = rl.RLConfig(beta=beta, max_decode_len=1, policy_loss=policy_loss, ppo_epochs=2)
+    optimizer = rl.make_optimizer(policy_learning_rate=3e-3, value_learning_rate=1e-2)
+    reward = _table_reward()
+    steps = rl.make_step_functions(model, config, optimizer, reward)
+    params = rl.init_params(jax.tree_util.tree_map(jnp.copy, ref), CONFIG.emb_dim)
+    opt_state = optimizer.init(params)
+    for i in range(300):
+        params, opt_state, metrics = rl.rl_step(steps, config, params, opt_state, ref,
+                                                reward.params, PROMPTS, jax.random.PRNGKey(i))
+    pi_sft = _first_token_distribution(model, ref)
+    optimum = jax.nn.softmax(models.exclude_padding(jnp.log(pi_sft) + TABLE / beta))
+    pi = _first_token_distribution(model, params["policy"])
+    assert 0.5 * float(jnp.abs(pi_sft - optimum).sum()) > 0.1  # the start is far away
+    assert 0.5 * float(jnp.abs(pi - optimum).sum()) < 0.05
+    assert metrics["kl"] > 0
+
+
+def test_kl_is_zero_when_the_policy_is_the_reference():
+    model = models.EncoderDecoderModel(CONFIG)
+    ref = model.init(jax.random.PRNGKey(0))
+    config = rl.RLConfig(beta=0.1, max_decode_len=6, kl_estimator="k3")
+    steps = rl.make_step_functions(model, config, rl.make_optimizer(), rewards.length_reward())
+    params = rl.init_params(ref, CONFIG.emb_dim)
+    prompts, responses = steps.rollout(params, PROMPTS[:16], jax.random.PRNGKey(0))
+    batch = steps.score(params, ref, None, prompts, responses)
+    assert float(jnp.sum(batch["length"])) > 16
+    np.testing.assert_array_equal(batch["kl"], 0.0)
+
+
+def test_value_loss_falls_on_a_fixed_batch():
+    model = models.EncoderDecoderModel(CONFIG)
+    ref = model.init(jax.random.PRNGKey(0))
+    config = rl.RLConfig(beta=0.1, max_decode_len=6)
+    optimizer = rl.make_optimizer(policy_learning_rate=0.0, value_learning_rate=1e-2)
+    steps = rl.make_step_functions(model, config, optimizer, rewards.length_reward())
+    params = rl.init_params(ref, CONFIG.emb_dim)
+    opt_state = optimizer.init(params)
+    prompts, responses = steps.rollout(params, PROMPTS[:32], jax.random.PRNGKey(0))
+    batch = steps.score(params, ref, None, prompts, responses)
+    losses = []
+    for _ in range(50):
+        params, opt_state, metrics = steps.update(params, opt_state, batch)
+        losses.append(float(metrics["value_loss"]))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_a_nan_reward_skips_the_batch():
+    model = models.EncoderDecoderModel(CONFIG)
+    ref = model.init(jax.random.PRNGKey(0))
+    config = rl.RLConfig(beta=0.1, max_decode_len=3)
+    nan_reward = rewards.Reward("nan", lambda p, x, y: jnp.full(y.shape[:1], jnp.nan))
+    optimizer = rl.make_optimizer(policy_learning_rate=1e-2)
+    steps = rl.make_step_functions(model, config, optimizer, nan_reward)
+    params = rl.init_params(jax.tree_util.tree_map(jnp.copy, ref), CONFIG.emb_dim)
+    opt_state = optimizer.init(params)
+    new_params, _, metrics = rl.rl_step(steps, config, params, opt_state, ref, None,
+                                        PROMPTS[:8], jax.random.PRNGKey(0))
+    assert metrics is None
+    jax.tree_util.tree_map(np.testing.assert_array_equal, new_params, params)
