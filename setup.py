@@ -26,6 +26,7 @@ setuptools.setup(
         "seqio==0.0.20",
         "tensorflow==2.21.0",
         "tensorflow-datasets==4.9.10",
+        "tensorboard==2.21.0",
         "tensorflow-text==2.21.1",
         "tensorstore==0.1.86",
         "tqdm==4.70.1",

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dera_t5x.training import rewards
 from dera_t5x.training import rl
 
 
@@ -16,11 +17,20 @@ def test_kl_estimators_vanish_when_policy_equals_reference():
     np.testing.assert_allclose(rl.kl_per_token(lp, lp - 0.3, "k1"), 0.3, rtol=1e-6)
 
 
-def test_token_rewards_put_the_sequence_reward_on_the_last_token():
+def test_token_rewards_subtract_the_kl_penalty_on_response_tokens():
     mask = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0]], jnp.float32)
-    kl = jnp.ones((2, 4))
-    out = rl.token_rewards(jnp.array([10.0, 5.0]), kl, mask, beta=0.5)
+    task = rewards.at_last_token(jnp.array([10.0, 5.0]), mask > 0)
+    out = rl.token_rewards(task, jnp.ones((2, 4)), mask, beta=0.5)
     np.testing.assert_allclose(out, [[-0.5, -0.5, 9.5, 0.0], [4.5, 0.0, 0.0, 0.0]])
+
+
+def test_length_reward_counts_tokens_before_eos_and_credits_each():
+    responses = jnp.array([[5, 6, 7, 1, 0], [5, 1, 0, 0, 0], [4, 4, 4, 4, 4]])
+    reward = rewards.length_reward(scale=0.5)
+    np.testing.assert_allclose(reward(None, responses), [1.5, 0.5, 2.5])
+    per_token = reward.token_rewards(None, None, responses)
+    np.testing.assert_allclose(per_token[0], [0.5, 0.5, 0.5, 0.0, 0.0])
+    np.testing.assert_allclose(jnp.sum(per_token, 1), reward(None, responses))
 
 
 def test_gae_with_lambda_one_is_return_to_go_minus_value():

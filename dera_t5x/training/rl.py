@@ -6,8 +6,9 @@ learned value baseline, one RL step being:
 1. rollout: sample `num_samples` responses per input from the policy with
    `decoding.sample` (through `models.predict`), temperature 1 by default;
 2. scoring: teacher-forced per-token log-probs of the responses under the
-   policy and the reference, the sequence reward, per-token rewards
-   `-beta * kl_t` plus the sequence reward at the last token, value
+   policy and the reference, per-token rewards `-beta * kl_t` plus the task
+   reward (on the last token, or credited token by token for rewards that
+   are sums over tokens such as the length reward; see `rewards.Reward`), value
    estimates, and GAE advantages (gamma 1, `gae_lambda` 1.0 by default, which
    makes the advantage the return-to-go minus the value);
 3. update: REINFORCE with the value baseline (default) or PPO with clipping
@@ -30,6 +31,7 @@ import functools
 import math
 from typing import Any, Callable, Mapping, NamedTuple
 
+from absl import logging
 import gin
 import jax
 import jax.numpy as jnp
@@ -37,7 +39,10 @@ import numpy as np
 import optax
 
 from dera_t5x import models
+from dera_t5x import realign
+from dera_t5x.data import pipeline
 from dera_t5x.training import rewards
+from dera_t5x.training import trainer
 
 Array = jax.Array
 Params = Any
@@ -110,15 +115,14 @@ def kl_per_token(log_probs: Array, ref_log_probs: Array, estimator: str) -> Arra
     return jnp.exp(-log_ratio) - 1.0 + log_ratio
 
 
-def token_rewards(sequence_reward: Array, kl: Array, mask: Array, beta: float) -> Array:
-    """-beta * kl_t on every response token, plus the sequence reward on the last.
+def token_rewards(task_rewards: Array, kl: Array, mask: Array, beta: float) -> Array:
+    """The task's per-token rewards minus beta * kl_t on every response token.
 
     Args:
-      sequence_reward: [batch]; kl, mask: [batch, len] (mask 1 on response tokens).
+      task_rewards, kl, mask: [batch, len] (mask 1 on response tokens);
+        see `rewards.Reward.token_rewards`.
     """
-    rewards = -beta * kl * mask
-    last = jnp.maximum(jnp.sum(mask, axis=1).astype(jnp.int32) - 1, 0)
-    return rewards.at[jnp.arange(rewards.shape[0]), last].add(sequence_reward)
+    return (task_rewards - beta * kl) * mask
 
 
 def gae(rewards: Array, values: Array, mask: Array, gae_lambda: float
@@ -166,12 +170,12 @@ def policy_outputs(model: models.EncoderDecoderModel, params: Params,
 
 
 def score_rollouts(model: models.EncoderDecoderModel, config: RLConfig, params: Params,
-                   ref_params: Params, sequence_reward: Array,
+                   ref_params: Params, task_rewards: Array,
                    encoder_input_tokens: Array, responses: Array) -> dict[str, Array]:
     """Everything the update needs, computed once per rollout batch.
 
     Args:
-      sequence_reward: [batch] r(x, y).
+      task_rewards: [batch, len] per-token rewards summing to r(x, y).
       encoder_input_tokens: [batch, enc_len]; responses: [batch, len].
     Returns:
       a batch dict with the inputs, `old_log_probs`, `advantages`, `returns`
@@ -182,15 +186,15 @@ def score_rollouts(model: models.EncoderDecoderModel, config: RLConfig, params: 
                                           exclude_pad=True)
     mask = (responses != 0).astype(jnp.float32)
     kl = kl_per_token(log_probs, ref_log_probs, config.kl_estimator) * mask
-    rewards = token_rewards(sequence_reward, kl, mask, config.beta)
-    advantages, returns = gae(rewards, values, mask, config.gae_lambda)
+    advantages, returns = gae(token_rewards(task_rewards, kl, mask, config.beta), values, mask,
+                              config.gae_lambda)
     return {
         "encoder_input_tokens": encoder_input_tokens,
         "responses": responses,
         "old_log_probs": log_probs,
         "advantages": advantages,
         "returns": returns,
-        "reward": sequence_reward,
+        "reward": jnp.sum(task_rewards * mask, axis=1),
         "kl": jnp.sum(kl, axis=1),
         "length": jnp.sum(mask, axis=1),
         "entropy": jnp.sum(entropy, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0),
@@ -272,8 +276,8 @@ def make_step_functions(model: models.EncoderDecoderModel, config: RLConfig,
 
     @jax.jit
     def score(params, ref_params, reward_params, prompts, responses):
-        sequence_reward = reward.apply(reward_params, prompts, responses).astype(jnp.float32)
-        return score_rollouts(model, config, params, ref_params, sequence_reward, prompts,
+        task_rewards = reward.token_rewards(reward_params, prompts, responses)
+        return score_rollouts(model, config, params, ref_params, task_rewards, prompts,
                               responses)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -301,3 +305,54 @@ def rl_step(steps: StepFunctions, config: RLConfig, params: Params, opt_state: A
     for _ in range(config.updates_per_rollout):
         params, opt_state, metrics = steps.update(params, opt_state, batch)
     return params, opt_state, {k: float(v) for k, v in metrics.items()}
+
+
+@gin.configurable(denylist=["model_dir", "model", "ref_params", "reward", "beta"])
+def train_rl(model_dir: str, *, model: models.EncoderDecoderModel, ref_params: Params,
+             reward: rewards.Reward, beta: float, task_name: str = gin.REQUIRED,
+             feature_lengths: dict[str, int] = gin.REQUIRED, max_decode_len: int | None = None,
+             batch_size: int = 16, num_steps: int = 100, config: RLConfig | None = None,
+             optimizer: optax.GradientTransformation | None = None, seed: int = 0,
+             checkpoint_every: int = 50) -> Params:
+    """RL from `ref_params` (the frozen SFT model) at KL strength `beta`.
+
+    Prompts are the task's train-split inputs; each RL step is `rl_step`. A
+    model_dir holding the final step returns its policy at once (resume and
+    caching come from `trainer.train_loop`). Batches whose reward is not
+    finite are skipped, logged and counted (`skipped_batches` in the metrics).
+
+    Returns:
+      the policy params (same tree as `ref_params`).
+    """
+    base = config or RLConfig(beta=beta)
+    config = dataclasses.replace(base, beta=beta,
+                                 max_decode_len=max_decode_len or base.max_decode_len)
+    realign.check_compatible(model.config, ref_params, ref_params)
+    optimizer = optimizer if optimizer is not None else make_optimizer()
+    steps = make_step_functions(model, config, optimizer, reward)
+    prompts = pipeline.load_split(task_name, "train", feature_lengths).features[
+        "encoder_input_tokens"]
+    params = init_params(jax.tree_util.tree_map(jnp.copy, ref_params), model.config.emb_dim)
+    skipped = []
+
+    def step(state: trainer.TrainState, batch) -> tuple[trainer.TrainState, dict]:
+        rng, rollout_rng = jax.random.split(state.rng)
+        params, opt_state, metrics = rl_step(steps, config, state.params, state.opt_state,
+                                             ref_params, reward.params,
+                                             batch["encoder_input_tokens"], rollout_rng)
+        if metrics is None:
+            skipped.append(int(state.step) + 1)
+            logging.warning("RL step %d: non-finite reward, batch skipped (%d so far).",
+                            int(state.step) + 1, len(skipped))
+            metrics = {"loss": 0.0}
+        metrics["skipped_batches"] = float(len(skipped))
+        return trainer.TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                                  rng=rng), metrics
+
+    state = trainer.train_loop(
+        trainer.TrainState.create(params, optimizer, seed), step,
+        lambda start: pipeline.train_batches({"encoder_input_tokens": prompts}, batch_size,
+                                             seed, start),
+        num_steps=num_steps, model_dir=model_dir, checkpoint_every=checkpoint_every,
+        description=f"rl beta={beta:g}")
+    return state.params["policy"]

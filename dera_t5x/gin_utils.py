@@ -1,0 +1,62 @@
+"""T5X-style gin flags for the absl entry points.
+
+`--gin_file=PATH` (repeatable) parses a gin file; `--gin.NAME=VALUE`
+(repeatable) becomes the binding `NAME = VALUE`, applied after the files,
+e.g. `--gin.TRAIN_STEPS=100` or `--gin.sft.train_sft.batch_size=8`. Gin file
+paths are looked up as given, then relative to the repository root.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+from typing import Callable, Sequence
+
+from absl import app
+from absl import logging
+import gin
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+    """Separates (gin files, gin bindings, other args) from a command line."""
+    files, bindings, rest = [], [], []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--gin_file="):
+            files.append(arg.split("=", 1)[1])
+        elif arg == "--gin_file" and i + 1 < len(args):
+            files.append(args[i + 1])
+            i += 1
+        elif arg.startswith("--gin.") and "=" in arg:
+            name, value = arg[len("--gin."):].split("=", 1)
+            bindings.append(f"{name} = {value}")
+        else:
+            rest.append(arg)
+        i += 1
+    return files, bindings, rest
+
+
+def parse(files: Sequence[str], bindings: Sequence[str]) -> None:
+    """Parses gin files and bindings; a missing file is a clear error."""
+    gin.add_config_file_search_path(str(REPO_ROOT))
+    for path in files:
+        if not pathlib.Path(path).exists() and not (REPO_ROOT / path).exists():
+            raise FileNotFoundError(f"gin file {path!r} does not exist (looked in the current "
+                                    f"directory and the repository root).")
+    gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
+
+
+def run(main: Callable[[Sequence[str]], None]) -> None:
+    """`absl.app.run(main)` after taking the gin flags out of sys.argv."""
+    files, bindings, rest = split_gin_args(sys.argv)
+
+    def main_with_gin(argv):
+        logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes
+        parse(files, bindings)
+        main(argv)
+
+    app.run(main_with_gin, argv=rest)

@@ -1,0 +1,152 @@
+"""The reproduction report: `report.json`, `report.md` and PNG plots.
+
+`write_report(output_dir, results)` takes the dictionary the pipeline
+assembled (see `dera_t5x.reproduce`) and writes everything a reader needs to
+judge DeRa against retraining: the comparison table with gaps, the lambda
+choice on validation data and its test result, and three plots.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import textwrap
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+from dera_t5x import evaluation  # noqa: E402
+
+
+def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """DeRa at lambda next to the model retrained at beta / lambda, with gaps."""
+    retrained = {row["lambda"]: row for row in results["retrained"]}
+    rows = []
+    for dera in results["dera"]:
+        lam = dera["lambda"]
+        other = retrained.get(lam)
+        if other is None:
+            continue
+        rows.append({
+            "lambda": lam,
+            "beta": other["beta"],
+            "dera_length": dera["mean_length"], "retrained_length": other["mean_length"],
+            "length_gap": evaluation.relative_gap(dera["mean_length"], other["mean_length"]),
+            "dera_reward": dera["mean_reward"], "retrained_reward": other["mean_reward"],
+            "dera_kl": dera["kl"], "retrained_kl": other["kl"],
+        })
+    return rows
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+    return "inf" if value == float("inf") else f"{value:.{digits}f}"
+
+
+def _markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    tolerance = results["gap_tolerance"]
+    lines = [
+        f"# DeRa vs retrained models: {results['pipeline']}", "",
+        f"Base beta {results['beta']}, reward `{results['reward']}`, seed {results['seed']}, "
+        f"evaluated on the {results['eval_split']} split ({results['num_eval']} samples per "
+        "model).", "",
+        "| lambda | beta/lambda | DeRa length | retrained length | gap | DeRa reward | "
+        "retrained reward | DeRa KL | retrained KL |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        flag = "" if row["length_gap"] <= tolerance else " (over)"
+        lines.append(
+            f"| {row['lambda']:g} | {_fmt(row['beta'], 4)} | {_fmt(row['dera_length'])} | "
+            f"{_fmt(row['retrained_length'])} | {100 * row['length_gap']:.1f}%{flag} | "
+            f"{_fmt(row['dera_reward'])} | {_fmt(row['retrained_reward'])} | "
+            f"{_fmt(row['dera_kl'])} | {_fmt(row['retrained_kl'])} |")
+    over = [row["lambda"] for row in rows if row["length_gap"] > tolerance]
+    lines += ["", (f"Length gaps above {100 * tolerance:.0f}% at lambda {over}."
+                   if over else f"Every length gap is within {100 * tolerance:.0f}%."), ""]
+    selection = results["selection"]
+    lines += [
+        "## Choosing lambda on validation data", "", selection["objective"], "",
+        "| lambda | mean reward | ROUGE-L | eligible |", "| --- | --- | --- | --- |",
+    ]
+    for row in selection["validation"]:
+        lines.append(f"| {row['lambda']:g} | {_fmt(row['mean_reward'])} | "
+                     f"{_fmt(row['rougeL'])} | {'yes' if row['eligible'] else 'no'} |")
+    test = selection["test"]
+    lines += ["", f"Chosen lambda: **{results['chosen_lambda']:g}** "
+              f"(beta/lambda = {_fmt(results['beta'] / results['chosen_lambda'], 4) if results['chosen_lambda'] else 'inf'}).", "",
+              "| test split | mean length | mean reward | KL to SFT | ROUGE-L |",
+              "| --- | --- | --- | --- | --- |"]
+    for name in ("chosen", "base", "sft"):
+        row = test[name]
+        lines.append(f"| {name} (lambda {row['lambda']:g}) | {_fmt(row['mean_length'])} | "
+                     f"{_fmt(row['mean_reward'])} | {_fmt(row['kl'])} | {_fmt(row['rougeL'])} |")
+    lines += ["", "Plots: `length_vs_lambda.png`, `reward_vs_kl.png`, `examples.png`.", ""]
+    return "\n".join(lines)
+
+
+def _plot_length(results: dict[str, Any], path: pathlib.Path) -> None:
+    dera = sorted(results["dera"], key=lambda r: r["lambda"])
+    retrained = sorted(results["retrained"], key=lambda r: r["lambda"])
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.errorbar([r["lambda"] for r in dera], [r["mean_length"] for r in dera],
+                yerr=[r["mean_length_sem"] for r in dera], marker="o", label="DeRa at lambda")
+    ax.errorbar([r["lambda"] for r in retrained], [r["mean_length"] for r in retrained],
+                yerr=[r["mean_length_sem"] for r in retrained], marker="s", linestyle="--",
+                label="retrained at beta/lambda")
+    ax.set_xscale("symlog", linthresh=0.25)
+    ax.set_xlabel("lambda")
+    ax.set_ylabel("mean summary length (tokens)")
+    ax.set_title(f"{results['pipeline']}: base beta {results['beta']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_reward_kl(results: dict[str, Any], path: pathlib.Path) -> None:
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for key, marker, label in (("dera", "o", "DeRa"), ("retrained", "s", "retrained")):
+        rows = sorted(results[key], key=lambda r: r["lambda"])
+        ax.plot([r["kl"] for r in rows], [r["mean_reward"] for r in rows], marker=marker,
+                label=label)
+        for r in rows:
+            ax.annotate(f"{r['lambda']:g}", (r["kl"], r["mean_reward"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("KL to the SFT model (nats per summary)")
+    ax.set_ylabel("mean reward")
+    ax.set_title("reward vs KL (labels: lambda)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_examples(results: dict[str, Any], path: pathlib.Path) -> None:
+    examples = results["examples"]
+    lines = []
+    for i, example in enumerate(examples):
+        lines.append(f"Example {i + 1}: " + textwrap.shorten(example["input"], 150))
+        for lam, text in example["summaries"]:
+            wrapped = textwrap.wrap(f"lambda {lam:g}: {text}", 110) or [f"lambda {lam:g}:"]
+            lines.extend("    " + w for w in wrapped)
+        lines.append("")
+    fig = plt.figure(figsize=(10, 0.2 * len(lines) + 0.5))
+    fig.text(0.01, 0.99, "\n".join(lines), family="monospace", fontsize=7, va="top")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(output_dir: str | pathlib.Path, results: dict[str, Any]) -> dict[str, Any]:
+    """Writes report.json, report.md and the plots; returns the JSON content."""
+    output_dir = pathlib.Path(output_dir)
+    rows = comparison_rows(results)
+    content = dict(results, comparison=rows)
+    (output_dir / "report.json").write_text(json.dumps(content, indent=2))
+    (output_dir / "report.md").write_text(_markdown(results, rows))
+    _plot_length(results, output_dir / "length_vs_lambda.png")
+    _plot_reward_kl(results, output_dir / "reward_vs_kl.png")
+    _plot_examples(results, output_dir / "examples.png")
+    return content

@@ -1,0 +1,273 @@
+"""The paper's pipelines end to end: SFT, RL, DeRa sweeps, retraining, report.
+
+    python -m dera_t5x.reproduce --gin_file=gin/reproduce/length_reward_tiny.gin \\
+        --output_dir=runs/length_reward_tiny
+
+Stages, each cached in the output directory (a rerun skips finished stages;
+training stages resume from their last checkpoint):
+
+1. SFT of the model on the task (`sft/`);
+2. for the learned-reward pipeline, a Bradley-Terry reward model (`reward_model/`);
+3. RL from the SFT model at the base beta (`rl_beta_<beta>/`);
+4. DeRa on the evaluation split for the whole lambda grid, one `dera_sweep`
+   call per batch (`dera_<split>.json`);
+5. RL retrained at beta / lambda for every lambda not in {0, 1}; lambda = 0
+   is the SFT model and lambda = 1 the base model, so those rows are exact by
+   construction (`retrained_<split>.json`);
+6. the choice of lambda on the validation split (largest mean reward whose
+   ROUGE-L stays within `rouge_margin` of the SFT model's) and its test-split
+   result against the base model and SFT (`selection.json`);
+7. `report.json`, `report.md` and plots (`dera_t5x.report`).
+
+Every model is evaluated the same way: `num_eval_samples` samples per input
+at temperature 1 from `realign.dera_sweep(sft, aligned, lambdas)` (a
+retrained model is the aligned model at lambda = 1), so KL to SFT is always
+the sum over tokens of log pi - log pi_sft of the sampled tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Any, Callable, Sequence
+
+from absl import app
+from absl import flags
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dera_t5x import evaluation
+from dera_t5x import gin_utils
+from dera_t5x import models
+from dera_t5x import network
+from dera_t5x import realign
+from dera_t5x import report
+from dera_t5x.data import metrics
+from dera_t5x.data import pipeline
+from dera_t5x.data import tasks
+from dera_t5x.training import reward_model
+from dera_t5x.training import rewards
+from dera_t5x.training import rl
+from dera_t5x.training import sft
+
+Params = Any
+
+
+def _cached_json(path: pathlib.Path, compute: Callable[[], Any]) -> Any:
+    """Returns the JSON at `path`, computing and writing it (atomically) if absent."""
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    tmp.replace(path)
+    return value
+
+
+def _check_lambdas(lambdas: Sequence[float]) -> tuple[float, ...]:
+    lambdas = tuple(float(lam) for lam in lambdas)
+    if not lambdas or not all(np.isfinite(lambdas)) or min(lambdas) < 0:
+        raise ValueError(f"lambdas must be a non-empty list of finite values >= 0, got {lambdas}.")
+    if 1.0 not in lambdas:
+        raise ValueError(f"lambdas must include 1 (the base aligned model), got {lambdas}.")
+    return lambdas
+
+
+def _fmt_beta(beta: float) -> str:
+    return f"{beta:.6g}"
+
+
+class Evaluator:
+    """Samples DeRa / model outputs on a split and summarizes them per lambda."""
+
+    def __init__(self, model: models.EncoderDecoderModel, task_name: str,
+                 feature_lengths: dict[str, int], reward: rewards.Reward,
+                 batch_size: int, num_samples: int, max_decode_len: int, seed: int):
+        self.model = model
+        self.task_name = task_name
+        self.feature_lengths = feature_lengths
+        self.reward = reward
+        self.batch_size = batch_size
+        self.num_samples = num_samples
+        self.max_decode_len = max_decode_len
+        self.seed = seed
+        self._reward_fn = jax.jit(reward.apply)
+        self.vocabulary = tasks.get_task(task_name).output_features["targets"].vocabulary
+
+    def _decode_split(self, split: str, params_ref: Params, params_aligned: Params,
+                      lambdas: Sequence[float]) -> tuple[dict[str, np.ndarray], Any]:
+        data = pipeline.load_split(self.task_name, split, self.feature_lengths)
+        inputs = np.repeat(data.features["encoder_input_tokens"], self.num_samples, axis=0)
+        columns = {"tokens": [], "log_probs": [], "ref_log_probs": [], "mixed_log_probs": [],
+                   "reward": []}
+        for i, (batch, mask) in enumerate(pipeline.eval_batches(
+                {"encoder_input_tokens": inputs}, self.batch_size)):
+            rows = np.asarray(mask, bool)
+            out = realign.dera_sweep(
+                self.model, params_ref, params_aligned, batch["encoder_input_tokens"],
+                np.asarray(lambdas, np.float32), max_decode_len=self.max_decode_len,
+                rng=jax.random.PRNGKey(self.seed * 100003 + i), temperature=1.0)
+            rewards_k = jax.vmap(lambda t: self._reward_fn(
+                self.reward.params, batch["encoder_input_tokens"], t))(out.tokens)
+            for name, value in (("tokens", out.tokens), ("log_probs", out.log_probs),
+                                ("ref_log_probs", out.ref_log_probs),
+                                ("mixed_log_probs", out.mixed_log_probs),
+                                ("reward", rewards_k)):
+                columns[name].append(np.asarray(value)[:, rows])
+        return {k: np.concatenate(v, axis=1) for k, v in columns.items()}, data
+
+    def evaluate(self, split: str, params_ref: Params, params_aligned: Params,
+                 lambdas: Sequence[float]) -> list[dict[str, Any]]:
+        """One row per lambda: length, reward, KL to params_ref, ROUGE, examples."""
+        decoded, data = self._decode_split(split, params_ref, params_aligned, lambdas)
+        references = [t for t in data.texts["targets"] for _ in range(self.num_samples)]
+        rows = []
+        for k, lam in enumerate(lambdas):
+            texts = [self.vocabulary.decode(_until_eos(t)) for t in decoded["tokens"][k]]
+            row = {"lambda": float(lam)}
+            row.update(evaluation.summarize(decoded["tokens"][k], decoded["reward"][k],
+                                            decoded["mixed_log_probs"][k],
+                                            decoded["ref_log_probs"][k]))
+            row.update(metrics.rouge(texts, references))
+            row["samples"] = texts[:3 * self.num_samples:self.num_samples]
+            rows.append(row)
+        return rows
+
+
+def _until_eos(tokens: np.ndarray) -> list[int]:
+    tokens = [int(t) for t in tokens]
+    return tokens[:tokens.index(models.EOS_ID)] if models.EOS_ID in tokens else tokens
+
+
+@gin.configurable
+def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
+        model_config: network.T5Config = gin.REQUIRED, task_name: str = gin.REQUIRED,
+        feature_lengths: dict[str, int] = gin.REQUIRED, reward_kind: str = "length",
+        beta: float = gin.REQUIRED, lambdas: Sequence[float] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0),
+        eval_split: str = "validation", test_split: str = "test", num_eval_samples: int = 2,
+        eval_batch_size: int = 50, max_decode_len: int = 64, rouge_margin: float = 2.0,
+        gap_tolerance: float = 0.15, seed: int = 0) -> dict[str, Any]:
+    """Runs (or resumes) a whole pipeline and writes its report; returns report.json."""
+    lambdas = _check_lambdas(lambdas)
+    if reward_kind not in ("length", "reward_model"):
+        raise ValueError(f"reward_kind must be 'length' or 'reward_model', got {reward_kind!r}.")
+    rl.RLConfig(beta=beta)  # validates beta before any training
+    tasks.get_task(task_name)
+    out = pathlib.Path(output_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    model = models.EncoderDecoderModel(model_config)
+    timings = {}
+
+    def timed(name, fn):
+        start = time.perf_counter()
+        value = fn()
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+        return value
+
+    sft_params = timed("sft", lambda: sft.train_sft(str(out / "sft"), model_config=model_config,
+                                                    task_name=task_name,
+                                                    feature_lengths=feature_lengths, seed=seed))
+    if reward_kind == "length":
+        reward = rewards.length_reward()
+    else:
+        rm_params = timed("reward_model", lambda: reward_model.train_reward_model(
+            str(out / "reward_model"), model=model, init_params=sft_params, seed=seed))
+        reward = reward_model.as_reward(model, rm_params)
+
+    def train_rl(beta_value):
+        return timed("rl", lambda: rl.train_rl(
+            str(out / f"rl_beta_{_fmt_beta(beta_value)}"), model=model, ref_params=sft_params,
+            reward=reward, beta=beta_value, task_name=task_name,
+            feature_lengths=feature_lengths, max_decode_len=max_decode_len, seed=seed))
+
+    base_params = train_rl(beta)
+    evaluator = Evaluator(model, task_name, feature_lengths, reward, eval_batch_size,
+                          num_eval_samples, max_decode_len, seed)
+
+    dera = timed("dera_sweep", lambda: _cached_json(
+        out / f"dera_{eval_split}.json",
+        lambda: evaluator.evaluate(eval_split, sft_params, base_params, lambdas)))
+
+    def retrained_row(lam):
+        if lam == 0.0:
+            params, beta_value = sft_params, None
+        elif lam == 1.0:
+            params, beta_value = base_params, beta
+        else:
+            params, beta_value = train_rl(beta / lam), beta / lam
+        row = evaluator.evaluate(eval_split, sft_params, params, [1.0])[0]
+        return dict(row, **{"lambda": lam, "beta": beta_value})
+
+    retrained = [_cached_json(out / f"retrained_{eval_split}_lambda_{lam:g}.json",
+                              lambda lam=lam: timed("retrained", lambda: retrained_row(lam)))
+                 for lam in lambdas]
+
+    selection = _cached_json(out / "selection.json", lambda: timed("selection", lambda: _select(
+        evaluator, dera, sft_params, base_params, lambdas, rouge_margin, eval_split,
+        test_split)))
+
+    results = {
+        "pipeline": pipeline_name, "reward": reward.name, "seed": seed, "beta": beta,
+        "lambdas": list(lambdas), "eval_split": eval_split, "test_split": test_split,
+        "num_eval": len(pipeline.load_split(task_name, eval_split, feature_lengths).texts[
+            "targets"]) * num_eval_samples,
+        "gap_tolerance": gap_tolerance, "chosen_lambda": selection["chosen_lambda"],
+        "dera": dera, "retrained": retrained, "selection": selection,
+        "examples": _examples(dera, pipeline.load_split(task_name, eval_split, feature_lengths)),
+        "timings_s": timings,
+    }
+    return report.write_report(out, results)
+
+
+def _select(evaluator: Evaluator, dera: list[dict[str, Any]], sft_params: Params,
+            base_params: Params, lambdas: Sequence[float], rouge_margin: float,
+            eval_split: str, test_split: str) -> dict[str, Any]:
+    """Picks lambda on validation data and evaluates it on the test split."""
+    sft_rouge = next(row["rougeL"] for row in dera if row["lambda"] == 0.0) if 0.0 in lambdas \
+        else evaluator.evaluate(eval_split, sft_params, base_params, [0.0])[0]["rougeL"]
+    table = [{"lambda": row["lambda"], "mean_reward": row["mean_reward"],
+              "rougeL": row["rougeL"], "eligible": row["rougeL"] >= sft_rouge - rouge_margin}
+             for row in dera]
+    eligible = [row for row in table if row["eligible"]] or table
+    chosen = max(eligible, key=lambda row: row["mean_reward"])["lambda"]
+    test_lambdas = [chosen, 1.0, 0.0]
+    test_rows = evaluator.evaluate(test_split, sft_params, base_params, test_lambdas)
+    return {
+        "objective": (f"Largest mean reward on the {eval_split} split among the lambdas whose "
+                      f"ROUGE-L is at least the SFT model's minus {rouge_margin:g} "
+                      f"(SFT ROUGE-L {sft_rouge:.2f})."),
+        "validation": table, "chosen_lambda": chosen,
+        "test": {name: _strip(row) for name, row in zip(("chosen", "base", "sft"), test_rows)},
+    }
+
+
+def _strip(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k != "samples"}
+
+
+def _examples(dera: list[dict[str, Any]], data: pipeline.Split) -> list[dict[str, Any]]:
+    num = min(len(row["samples"]) for row in dera)
+    return [{"input": data.texts["inputs"][i],
+             "reference": data.texts["targets"][i],
+             "summaries": [(row["lambda"], row["samples"][i]) for row in dera]}
+            for i in range(num)]
+
+
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the stages and the report go.",
+                                  required=True)
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    content = run(_OUTPUT_DIR.value)
+    print(pathlib.Path(_OUTPUT_DIR.value) / "report.md")
+    print("\n".join(f"lambda {row['lambda']:g}: DeRa length {row['dera_length']:.1f}, "
+                    f"retrained {row['retrained_length']:.1f}, gap {100 * row['length_gap']:.1f}%"
+                    for row in content["comparison"]))
+
+
+if __name__ == "__main__":
+    gin_utils.run(main)
