@@ -22,5 +22,12 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
 
+# The embedded reproduction: SFT, RL, DeRa sweep, retraining, report (CPU, minutes).
+DEMO_DIR ?= runs/length_reward_tiny
+demo: install
+	$(PY) -m dera_t5x.reproduce --gin_file=gin/reproduce/length_reward_tiny.gin \
+		--output_dir=$(DEMO_DIR)
+	@echo "Report: $(DEMO_DIR)/report.md"
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -60,3 +60,13 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
         main(argv)
 
     app.run(main_with_gin, argv=rest)
+
+
+def model_config():
+    """The `network.T5Config` bound to the `MODEL_CONFIG` macro of the gin files."""
+    try:
+        reference = gin.query_parameter("%MODEL_CONFIG")
+    except ValueError:
+        raise ValueError("No MODEL_CONFIG in the gin config: add a gin file from gin/models/ "
+                         "with --gin_file.") from None
+    return reference.scoped_configurable_fn()

@@ -41,8 +41,9 @@ def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(value: float, digits: int = 2) -> str:
-    return "inf" if value == float("inf") else f"{value:.{digits}f}"
+def _fmt(value: float | None, digits: int = 2) -> str:
+    """A number for the tables; None is an infinite beta (the SFT model)."""
+    return "inf (SFT)" if value is None or value == float("inf") else f"{value:.{digits}f}"
 
 
 def _markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -75,8 +76,9 @@ def _markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {row['lambda']:g} | {_fmt(row['mean_reward'])} | "
                      f"{_fmt(row['rougeL'])} | {'yes' if row['eligible'] else 'no'} |")
     test = selection["test"]
-    lines += ["", f"Chosen lambda: **{results['chosen_lambda']:g}** "
-              f"(beta/lambda = {_fmt(results['beta'] / results['chosen_lambda'], 4) if results['chosen_lambda'] else 'inf'}).", "",
+    chosen = results["chosen_lambda"]
+    lines += ["", f"Chosen lambda: **{chosen:g}** (beta/lambda = "
+              f"{_fmt(results['beta'] / chosen if chosen else None, 4)}).", "",
               "| test split | mean length | mean reward | KL to SFT | ROUGE-L |",
               "| --- | --- | --- | --- | --- |"]
     for name in ("chosen", "base", "sft"):

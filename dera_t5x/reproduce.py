@@ -32,7 +32,6 @@ import pathlib
 import time
 from typing import Any, Callable, Sequence
 
-from absl import app
 from absl import flags
 import gin
 import jax
@@ -85,7 +84,8 @@ class Evaluator:
 
     def __init__(self, model: models.EncoderDecoderModel, task_name: str,
                  feature_lengths: dict[str, int], reward: rewards.Reward,
-                 batch_size: int, num_samples: int, max_decode_len: int, seed: int):
+                 batch_size: int, num_samples: int, max_decode_len: int, seed: int,
+                 max_examples: int | None = None):
         self.model = model
         self.task_name = task_name
         self.feature_lengths = feature_lengths
@@ -94,13 +94,15 @@ class Evaluator:
         self.num_samples = num_samples
         self.max_decode_len = max_decode_len
         self.seed = seed
+        self.max_examples = max_examples
         self._reward_fn = jax.jit(reward.apply)
         self.vocabulary = tasks.get_task(task_name).output_features["targets"].vocabulary
 
     def _decode_split(self, split: str, params_ref: Params, params_aligned: Params,
                       lambdas: Sequence[float]) -> tuple[dict[str, np.ndarray], Any]:
         data = pipeline.load_split(self.task_name, split, self.feature_lengths)
-        inputs = np.repeat(data.features["encoder_input_tokens"], self.num_samples, axis=0)
+        inputs = data.features["encoder_input_tokens"][:self.max_examples]
+        inputs = np.repeat(inputs, self.num_samples, axis=0)
         columns = {"tokens": [], "log_probs": [], "ref_log_probs": [], "mixed_log_probs": [],
                    "reward": []}
         for i, (batch, mask) in enumerate(pipeline.eval_batches(
@@ -123,7 +125,8 @@ class Evaluator:
                  lambdas: Sequence[float]) -> list[dict[str, Any]]:
         """One row per lambda: length, reward, KL to params_ref, ROUGE, examples."""
         decoded, data = self._decode_split(split, params_ref, params_aligned, lambdas)
-        references = [t for t in data.texts["targets"] for _ in range(self.num_samples)]
+        references = [t for t in data.texts["targets"][:self.max_examples]
+                      for _ in range(self.num_samples)]
         rows = []
         for k, lam in enumerate(lambdas):
             texts = [self.vocabulary.decode(_until_eos(t)) for t in decoded["tokens"][k]]
@@ -148,7 +151,8 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
         feature_lengths: dict[str, int] = gin.REQUIRED, reward_kind: str = "length",
         beta: float = gin.REQUIRED, lambdas: Sequence[float] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0),
         eval_split: str = "validation", test_split: str = "test", num_eval_samples: int = 2,
-        eval_batch_size: int = 50, max_decode_len: int = 64, rouge_margin: float = 2.0,
+        eval_batch_size: int = 50, max_eval_examples: int | None = None,
+        max_decode_len: int = 64, rouge_margin: float = 2.0,
         gap_tolerance: float = 0.15, seed: int = 0) -> dict[str, Any]:
     """Runs (or resumes) a whole pipeline and writes its report; returns report.json."""
     lambdas = _check_lambdas(lambdas)
@@ -174,7 +178,7 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
         reward = rewards.length_reward()
     else:
         rm_params = timed("reward_model", lambda: reward_model.train_reward_model(
-            str(out / "reward_model"), model=model, init_params=sft_params, seed=seed))
+            str(out / "reward_model"), model=model, t5_params=sft_params, seed=seed))
         reward = reward_model.as_reward(model, rm_params)
 
     def train_rl(beta_value):
@@ -185,7 +189,7 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
 
     base_params = train_rl(beta)
     evaluator = Evaluator(model, task_name, feature_lengths, reward, eval_batch_size,
-                          num_eval_samples, max_decode_len, seed)
+                          num_eval_samples, max_decode_len, seed, max_eval_examples)
 
     dera = timed("dera_sweep", lambda: _cached_json(
         out / f"dera_{eval_split}.json",
@@ -213,7 +217,7 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
         "pipeline": pipeline_name, "reward": reward.name, "seed": seed, "beta": beta,
         "lambdas": list(lambdas), "eval_split": eval_split, "test_split": test_split,
         "num_eval": len(pipeline.load_split(task_name, eval_split, feature_lengths).texts[
-            "targets"]) * num_eval_samples,
+            "targets"][:max_eval_examples]) * num_eval_samples,
         "gap_tolerance": gap_tolerance, "chosen_lambda": selection["chosen_lambda"],
         "dera": dera, "retrained": retrained, "selection": selection,
         "examples": _examples(dera, pipeline.load_split(task_name, eval_split, feature_lengths)),
@@ -256,18 +260,19 @@ def _examples(dera: list[dict[str, Any]], data: pipeline.Split) -> list[dict[str
             for i in range(num)]
 
 
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the stages and the report go.",
-                                  required=True)
-
-
 def main(argv: Sequence[str]) -> None:
     del argv
-    content = run(_OUTPUT_DIR.value)
-    print(pathlib.Path(_OUTPUT_DIR.value) / "report.md")
+    output_dir = flags.FLAGS.output_dir
+    content = run(output_dir)
+    print(pathlib.Path(output_dir) / "report.md")
     print("\n".join(f"lambda {row['lambda']:g}: DeRa length {row['dera_length']:.1f}, "
                     f"retrained {row['retrained_length']:.1f}, gap {100 * row['length_gap']:.1f}%"
                     for row in content["comparison"]))
 
 
 if __name__ == "__main__":
-    gin_utils.run(main)
+    # Run the importable module, not __main__, so gin binds one `reproduce.run`.
+    from dera_t5x import reproduce
+
+    flags.DEFINE_string("output_dir", None, "Where the stages and the report go.", required=True)
+    gin_utils.run(reproduce.main)

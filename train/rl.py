@@ -8,7 +8,6 @@ r"""KL-regularized RL from an SFT checkpoint.
 from typing import Sequence
 
 from absl import flags
-import gin
 
 from dera_t5x import checkpoints
 from dera_t5x import gin_utils
@@ -30,7 +29,7 @@ _RM = flags.DEFINE_string("reward_model_checkpoint", None,
 def main(argv: Sequence[str]) -> None:
     del argv
     rl.RLConfig(beta=_BETA.value)  # a bad beta fails before anything loads
-    config = gin.query_parameter("MODEL_CONFIG").scoped_configurable_fn()
+    config = gin_utils.model_config()
     model = models.EncoderDecoderModel(config)
     ref_params = checkpoints.load_params(_REF.value, config)
     if _REWARD.value == "length":
