@@ -1,0 +1,126 @@
+"""Exactness of the Flax T5 against transformers' PyTorch T5 on the same weights."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dera_t5x import checkpoints
+from dera_t5x import models
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import save_file  # noqa: E402
+
+# Non-square attention (heads * d_kv != d_model), more encoder than decoder
+# layers, few buckets and a short max distance so that long offsets share buckets.
+COMMON = dict(vocab_size=61, d_model=24, d_kv=10, d_ff=40, num_layers=3, num_decoder_layers=2,
+              num_heads=3, relative_attention_num_buckets=8,
+              relative_attention_max_distance=20, dropout_rate=0.0, decoder_start_token_id=0,
+              pad_token_id=0, eos_token_id=1)
+VARIANTS = {
+    "t5.1.0": dict(COMMON, feed_forward_proj="relu", tie_word_embeddings=True),
+    "t5.1.1": dict(COMMON, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+}
+
+
+def _write_hf(directory, variant, *, with_lm_head=True, seed=0):
+    """A random transformers T5 saved as config.json + model.safetensors."""
+    torch.manual_seed(seed)
+    config = transformers.T5Config(**VARIANTS[variant])
+    hf_model = transformers.T5ForConditionalGeneration(config).eval()
+    tied = VARIANTS[variant]["tie_word_embeddings"]
+    if not tied:
+        # transformers 5 ties lm_head for configs; untie as the public v1.1 checkpoints are.
+        with torch.no_grad():
+            hf_model.lm_head.weight = torch.nn.Parameter(
+                torch.randn_like(hf_model.shared.weight))
+    directory.mkdir(parents=True)
+    skip = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+    state = {k: v.detach().clone().contiguous() for k, v in hf_model.state_dict().items()
+             if not k.endswith(skip) and (with_lm_head or k != "lm_head.weight")}
+    save_file(state, str(directory / "model.safetensors"))
+    config_dict = config.to_dict()
+    config_dict["tie_word_embeddings"] = tied
+    (directory / "config.json").write_text(json.dumps(config_dict))
+    return hf_model
+
+
+def _padded_batch():
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(2, COMMON["vocab_size"], size=(3, 26))
+    inputs[1, 17:] = 0
+    inputs[2, 5:] = 0
+    targets = rng.integers(2, COMMON["vocab_size"], size=(3, 24))
+    targets[0, 23] = 1
+    targets[1, 9] = 1
+    targets[1, 10:] = 0
+    targets[2, 3:] = 0
+    return inputs, targets
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_token_log_probs_match_pytorch(tmp_path, variant):
+    hf_model = _write_hf(tmp_path / "hf", variant)
+    config, params = checkpoints.load_hf_t5(tmp_path / "hf")
+    assert config.logits_via_embedding == VARIANTS[variant]["tie_word_embeddings"]
+    model = models.EncoderDecoderModel(config)
+    inputs, targets = _padded_batch()
+    with torch.no_grad():
+        logits = hf_model(input_ids=torch.tensor(inputs), attention_mask=torch.tensor(inputs > 0),
+                          labels=torch.tensor(np.where(targets > 0, targets, -100))).logits
+        want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(targets)[..., None])[..., 0]
+    want = np.where(targets > 0, want.numpy(), 0.0)
+    got = np.asarray(model.token_log_probs(params, jnp.asarray(inputs), jnp.asarray(targets)))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert np.abs(want).max() > 1.0  # a real comparison, not of zeros
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_greedy_decoding_matches_generate(tmp_path, variant):
+    hf_model = _write_hf(tmp_path / "hf", variant, seed=1)
+    config, params = checkpoints.load_hf_t5(tmp_path / "hf")
+    model = models.EncoderDecoderModel(config)
+    inputs, _ = _padded_batch()
+    steps = 20
+    with torch.no_grad():
+        # We never generate padding; PyTorch is told the same.
+        want = hf_model.generate(input_ids=torch.tensor(inputs),
+                                 attention_mask=torch.tensor(inputs > 0), do_sample=False,
+                                 max_new_tokens=steps, suppress_tokens=[0]).numpy()[:, 1:]
+    predict = jax.jit(model.predict, static_argnames=("max_decode_len", "top_k", "top_p"))
+    out = predict(params, jnp.asarray(inputs), jax.random.PRNGKey(0), max_decode_len=steps)
+    got = np.asarray(out.tokens)
+    # Up to and including our EOS; PyTorch pads finished rows afterwards, as we do.
+    for row in range(len(inputs)):
+        n = int(out.lengths[row])
+        np.testing.assert_array_equal(got[row, :n], want[row, :n])
+    assert int(out.lengths.sum()) >= 16 * len(inputs)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_cached_decoding_equals_the_full_sequence(tmp_path, variant):
+    _write_hf(tmp_path / "hf", variant, seed=2)
+    config, params = checkpoints.load_hf_t5(tmp_path / "hf")
+    model = models.EncoderDecoderModel(config)
+    inputs, targets = _padded_batch()
+    decoder_inputs = models.shift_right(jnp.asarray(targets))
+    full = model.logits(params, jnp.asarray(inputs), decoder_inputs)
+    cache = model.init_decode_cache(params, jnp.asarray(inputs), targets.shape[1])
+    for t in range(targets.shape[1]):
+        step_logits, cache = model.decode_step(params, cache, decoder_inputs[:, t])
+        np.testing.assert_allclose(step_logits, full[:, t], atol=1e-5)
+
+
+def test_checkpoints_with_and_without_lm_head_load(tmp_path):
+    _write_hf(tmp_path / "tied", "t5.1.0", with_lm_head=False)
+    _write_hf(tmp_path / "tied_with_head", "t5.1.0", with_lm_head=True)
+    a = checkpoints.load_hf_t5(tmp_path / "tied")[1]
+    b = checkpoints.load_hf_t5(tmp_path / "tied_with_head")[1]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+    assert "logits_dense" not in a["decoder"]
+    _write_hf(tmp_path / "untied_no_head", "t5.1.1", with_lm_head=False)
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        checkpoints.load_hf_t5(tmp_path / "untied_no_head")
