@@ -80,7 +80,7 @@ def test_token_log_probs_match_pytorch(tmp_path, variant):
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_greedy_decoding_matches_generate(tmp_path, variant):
-    hf_model = _write_hf(tmp_path / "hf", variant, seed=1)
+    hf_model = _write_hf(tmp_path / "hf", variant, seed=2)  # a seed whose rows run >= 16 steps
     config, params = checkpoints.load_hf_t5(tmp_path / "hf")
     model = models.EncoderDecoderModel(config)
     inputs, _ = _padded_batch()
@@ -97,12 +97,12 @@ def test_greedy_decoding_matches_generate(tmp_path, variant):
     for row in range(len(inputs)):
         n = int(out.lengths[row])
         np.testing.assert_array_equal(got[row, :n], want[row, :n])
-    assert int(out.lengths.sum()) >= 16 * len(inputs)
+    assert int(out.lengths.min()) >= 16
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_cached_decoding_equals_the_full_sequence(tmp_path, variant):
-    _write_hf(tmp_path / "hf", variant, seed=2)
+    _write_hf(tmp_path / "hf", variant, seed=3)
     config, params = checkpoints.load_hf_t5(tmp_path / "hf")
     model = models.EncoderDecoderModel(config)
     inputs, targets = _padded_batch()
