@@ -13,6 +13,7 @@ safetensors, and T5X checkpoints. Nothing here ever unpickles.
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 from typing import Any
@@ -47,8 +48,9 @@ def restore_params(path: str | pathlib.Path) -> Params:
         return checkpointer.restore(path)
 
 
+@functools.lru_cache(maxsize=16)
 def expected_shapes(config: network.T5Config) -> dict[str, tuple[int, ...]]:
-    """'encoder/layers_0/attention/query/kernel' -> shape, for a config."""
+    """'encoder/layers_0/attention/query/kernel' -> shape, for a config (cached)."""
     shapes = jax.eval_shape(models.EncoderDecoderModel(config).init, jax.random.PRNGKey(0))
     flat = flax.traverse_util.flatten_dict(shapes, sep="/")
     return {name: tuple(value.shape) for name, value in flat.items()}

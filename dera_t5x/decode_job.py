@@ -189,7 +189,7 @@ def _is_hf_dir(spec: str) -> bool:
 def _gin_model_config() -> network.T5Config | None:
     """The `MODEL_CONFIG` gin macro, if a model gin file bound it."""
     try:
-        value = gin.query_parameter("MODEL_CONFIG")
+        value = gin.query_parameter("%MODEL_CONFIG")
     except ValueError:
         return None
     if isinstance(value, gin.config.ConfigurableReference):
@@ -372,6 +372,10 @@ def run(ref_checkpoint: str, aligned_checkpoint: str, output_file: str, *,
     config, params_ref, params_aligned = load_models(ref_checkpoint, aligned_checkpoint,
                                                      model_config)
     vocabularies.check_vocab_fits(vocabulary, config.vocab_size)
+    if vocabularies.model_vocab_size(vocabulary) != config.vocab_size:
+        logging.warning("The vocabulary of task %s (%d pieces) looks too small for the model "
+                        "(%d embeddings): is --task right (e.g. xsum_bundled_t5 for T5 "
+                        "checkpoints)?", task, vocabulary.vocab_size, config.vocab_size)
     if top_k > config.vocab_size:
         raise ValueError(f"top_k={top_k} exceeds the vocabulary ({config.vocab_size}).")
 

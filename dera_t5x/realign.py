@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dera_t5x import checkpoints
 from dera_t5x import decoding
 from dera_t5x import models
 from dera_t5x import network
@@ -138,19 +139,17 @@ def check_compatible(config: network.T5Config, params_ref: Params, params_aligne
                      ) -> None:
     """Raises ValueError naming the first parameter where the two sets (or the
     config) disagree in presence or shape."""
-    expected = jax.eval_shape(models.EncoderDecoderModel(config).init, jax.random.PRNGKey(0))
-    flat_expected = {jax.tree_util.keystr(k): v.shape
-                     for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    expected = checkpoints.expected_shapes(config)
     for name, params in (("reference", params_ref), ("aligned", params_aligned)):
-        flat = {jax.tree_util.keystr(k): np.shape(v)
-                for k, v in jax.tree_util.tree_leaves_with_path(params)}
-        missing = sorted(set(flat_expected) - set(flat))
-        extra = sorted(set(flat) - set(flat_expected))
+        flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.shape(v)
+                for path, v in jax.tree_util.tree_leaves_with_path(params)}
+        missing = sorted(set(expected) - set(flat))
+        extra = sorted(set(flat) - set(expected))
         if missing or extra:
             raise ValueError(
                 f"The {name} parameters do not match the model config: missing {missing[:3]}, "
                 f"unexpected {extra[:3]}. Both models must share one architecture.")
-        for key, shape in flat_expected.items():
+        for key, shape in expected.items():
             if tuple(flat[key]) != tuple(shape):
                 what = "vocabulary" if "embedding" in key or "logits_dense" in key else "architecture"
                 raise ValueError(

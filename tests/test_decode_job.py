@@ -275,9 +275,10 @@ def _write_hf_t5(torch, transformers, directory: pathlib.Path, seed: int) -> Non
         num_decoder_layers=CONFIG.num_decoder_layers, num_heads=CONFIG.num_heads,
         feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)
     state = transformers.T5ForConditionalGeneration(hf_config).state_dict()
+    state = {k: v.clone() for k, v in state.items() if "embed_tokens" not in k}
+    state["lm_head.weight"] = torch.randn_like(state["lm_head.weight"])  # untie
     directory.mkdir()
-    save_file({k: v.contiguous() for k, v in state.items() if "embed_tokens" not in k},
-              str(directory / "model.safetensors"))
+    save_file(state, str(directory / "model.safetensors"))
     config_dict = dict(hf_config.to_dict(), tie_word_embeddings=False)
     (directory / "config.json").write_text(json.dumps(config_dict))
 
