@@ -1,0 +1,62 @@
+"""The reproduction pipeline with micro settings: report structure and trend."""
+
+import json
+
+import gin
+import pytest
+
+from dera_t5x import gin_utils
+from dera_t5x import reproduce
+
+# A small model on short summaries (12 target tokens, so SFT learns to stop)
+# and a strong length reward, so that a few RL steps make summaries longer.
+MICRO = [
+    "network.T5Config.emb_dim = 32", "network.T5Config.num_heads = 2",
+    "network.T5Config.head_dim = 16", "network.T5Config.mlp_dim = 64",
+    "network.T5Config.num_encoder_layers = 1", "network.T5Config.num_decoder_layers = 1",
+    "TASK_FEATURE_LENGTHS = {'inputs': 32, 'targets': 12}",
+    "sft.train_sft.num_steps = 60", "sft.train_sft.eval_every = 0",
+    "trainer.make_schedule.learning_rate = 3e-3",
+    "rl.train_rl.num_steps = 15", "rl.train_rl.batch_size = 8",
+    "rl.make_optimizer.policy_learning_rate = 3e-3",
+    "reproduce.run.beta = 1.0", "reproduce.run.lambdas = (0.0, 1.0, 2.0)",
+    "reproduce.run.max_decode_len = 24", "rl.RLConfig.max_decode_len = 24",
+    "reproduce.run.max_eval_examples = 16", "reproduce.run.eval_batch_size = 32",
+]
+
+
+@pytest.mark.slow
+def test_micro_pipeline_writes_a_report_with_the_trend(tmp_path):
+    gin.clear_config()
+    try:
+        gin_utils.parse(["gin/reproduce/length_reward_tiny.gin"], MICRO)
+        content = reproduce.run(str(tmp_path))
+    finally:
+        gin.clear_config()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report == json.loads(json.dumps(content))
+    for key in ("beta", "lambdas", "chosen_lambda", "dera", "retrained", "comparison"):
+        assert key in report
+    assert report["lambdas"] == [0.0, 1.0, 2.0]
+    for key in ("dera", "retrained"):
+        assert [row["lambda"] for row in report[key]] == report["lambdas"]
+        for row in report[key]:
+            assert {"lambda", "mean_length", "mean_reward", "kl"} <= set(row)
+    dera = [row["mean_length"] for row in report["dera"]]
+    retrained = [row["mean_length"] for row in report["retrained"]]
+    assert dera[0] < dera[1] < dera[2], dera
+    assert retrained[0] < retrained[2], retrained
+    # lambda 0 and 1 are the SFT and the base model themselves.
+    assert report["comparison"][0]["length_gap"] == 0.0
+    assert report["comparison"][1]["length_gap"] == 0.0
+    assert report["chosen_lambda"] in report["lambdas"]
+    for name in ("report.md", "length_vs_lambda.png", "reward_vs_kl.png", "examples.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    # A rerun reuses every stage.
+    gin_utils.parse(["gin/reproduce/length_reward_tiny.gin"], MICRO)
+    try:
+        again = reproduce.run(str(tmp_path))
+    finally:
+        gin.clear_config()
+    assert again["dera"] == content["dera"]
+    assert sum(again["timings_s"].values()) < sum(content["timings_s"].values())
