@@ -1,0 +1,29 @@
+"""Evaluation statistics and the length toy with a computable optimum."""
+
+import numpy as np
+import pytest
+
+from dera_t5x import evaluation
+
+
+def test_summary_statistics():
+    tokens = np.array([[5, 6, 1, 0], [7, 1, 0, 0]])
+    log_probs = np.array([[-1.0, -2.0, -0.5, 0.0], [-1.0, -1.0, 0.0, 0.0]])
+    ref = np.array([[-1.5, -2.0, -1.0, 0.0], [-1.0, -2.0, 0.0, 0.0]])
+    out = evaluation.summarize(tokens, np.array([2.0, 1.0]), log_probs, ref)
+    assert out["mean_length"] == pytest.approx(1.5)
+    assert out["mean_reward"] == pytest.approx(1.5)
+    assert out["kl"] == pytest.approx((1.0 + 1.0) / 2)
+    assert out["mean_length_sem"] == pytest.approx(0.5)
+    assert evaluation.win_rate([1, 2, 3], [1, 1, 4]) == pytest.approx(0.5)
+    assert evaluation.relative_gap(11.0, 10.0) == pytest.approx(0.1)
+
+
+def test_length_toy_is_exact_at_lambda_one_and_approximate_elsewhere():
+    dera, exact = evaluation.length_toy(0.05, 64, beta=15.0, lam=1.0)
+    assert dera == pytest.approx(exact, rel=1e-9)
+    sft_mean = evaluation.length_toy(0.05, 64, beta=1e9, lam=1.0)[1]
+    assert sft_mean == pytest.approx(sum(0.95 ** t for t in range(64)), rel=1e-6)
+    dera, exact = evaluation.length_toy(0.05, 64, beta=15.0, lam=0.5)
+    assert sft_mean < exact < 46.0
+    assert 0.01 < abs(dera - exact) / exact < 0.2
