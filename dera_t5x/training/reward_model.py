@@ -119,6 +119,8 @@ def train_reward_model(model_dir: str, *, model: models.EncoderDecoderModel, t5_
     train = _preference_arrays(task_name, "train", feature_lengths)
     held_out = _preference_arrays(task_name, eval_split, feature_lengths)
     optimizer = optimizer if optimizer is not None else trainer.make_optimizer(name="adamw")
+    # A copy: the train step donates its state, and t5_params stays in use.
+    t5_params = jax.tree_util.tree_map(jnp.copy, t5_params)
     state = trainer.TrainState.create(init_params(t5_params, model.config.emb_dim), optimizer,
                                       seed)
     step = trainer.make_train_step(lambda p, batch, rng: pairwise_loss(model, p, batch),
