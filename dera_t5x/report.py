@@ -98,7 +98,10 @@ def _plot_length(results: dict[str, Any], path: pathlib.Path) -> None:
     ax.errorbar([r["lambda"] for r in retrained], [r["mean_length"] for r in retrained],
                 yerr=[r["mean_length_sem"] for r in retrained], marker="s", linestyle="--",
                 label="retrained at beta/lambda")
-    ax.set_xscale("symlog", linthresh=0.25)
+    lambdas = [r["lambda"] for r in dera]
+    ax.set_xscale("symlog", linthresh=min([lam for lam in lambdas if lam > 0], default=1.0))
+    ax.set_xticks(lambdas, [f"{lam:g}" for lam in lambdas])
+    ax.minorticks_off()
     ax.set_xlabel("lambda")
     ax.set_ylabel("mean summary length (tokens)")
     ax.set_title(f"{results['pipeline']}: base beta {results['beta']}")

@@ -182,12 +182,12 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
         reward = reward_model.as_reward(model, rm_params)
 
     def train_rl(beta_value):
-        return timed("rl", lambda: rl.train_rl(
+        return rl.train_rl(
             str(out / f"rl_beta_{_fmt_beta(beta_value)}"), model=model, ref_params=sft_params,
             reward=reward, beta=beta_value, task_name=task_name,
-            feature_lengths=feature_lengths, max_decode_len=max_decode_len, seed=seed))
+            feature_lengths=feature_lengths, max_decode_len=max_decode_len, seed=seed)
 
-    base_params = train_rl(beta)
+    base_params = timed("rl_base", lambda: train_rl(beta))
     evaluator = Evaluator(model, task_name, feature_lengths, reward, eval_batch_size,
                           num_eval_samples, max_decode_len, seed, max_eval_examples)
 
