@@ -181,8 +181,10 @@ def _read_tensorstore(spec: dict[str, Any], checkpoint_dir: str) -> np.ndarray:
         spec["kvstore"] = {"driver": "gcs", "bucket": bucket,
                            "path": f"{prefix.rstrip('/')}/{relative}"}
     else:
-        spec["kvstore"] = {"driver": "file", "path": str(pathlib.Path(checkpoint_dir) / relative)}
-    return ts.open(spec).result().read().result()
+        spec["kvstore"] = {"driver": "file",
+                           "path": str(pathlib.Path(checkpoint_dir).resolve() / relative) + "/"}
+    # T5X keeps the zarr metadata in the spec; the folders hold only chunks.
+    return ts.open(spec, open=True, assume_metadata=True).result().read().result()
 
 
 def read_t5x_msgpack_tree(path: str | pathlib.Path) -> dict[str, Any]:
