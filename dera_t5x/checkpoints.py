@@ -92,7 +92,10 @@ def _hf_config(config_json: dict[str, Any], path: pathlib.Path) -> network.T5Con
         mlp_dim=config_json["d_ff"], num_encoder_layers=num_layers,
         num_decoder_layers=config_json.get("num_decoder_layers") or num_layers,
         mlp_activations=activations,
-        logits_via_embedding=config_json.get("tie_word_embeddings", True),
+        # transformers 5 writes tie_word_embeddings=True for every T5 and keeps
+        # the output scaling (T5.1.0's tied logits) in scale_decoder_outputs.
+        logits_via_embedding=config_json.get("scale_decoder_outputs",
+                                             config_json.get("tie_word_embeddings", True)),
         dropout_rate=config_json.get("dropout_rate", 0.1),
         relative_attention_num_buckets=config_json.get("relative_attention_num_buckets", 32),
         relative_attention_max_distance=config_json.get("relative_attention_max_distance", 128),

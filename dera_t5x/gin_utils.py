@@ -50,11 +50,22 @@ def parse(files: Sequence[str], bindings: Sequence[str]) -> None:
     gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
 
 
+def parse_flags_and_gin(argv: Sequence[str]) -> list[str]:
+    """Parses the gin flags of a command line; returns the other args (for absl).
+
+    absl cannot define dotted flags, so `--gin.NAME=VALUE` is taken out of
+    argv before absl sees it.
+    """
+    files, bindings, rest = split_gin_args(argv)
+    parse(files, bindings)
+    return rest
+
+
 def run(main: Callable[[Sequence[str]], None]) -> None:
     """`absl.app.run(main)` after taking the gin flags out of sys.argv."""
     files, bindings, rest = split_gin_args(sys.argv)
 
-    def main_with_gin(argv):
+    def main_with_gin(argv: Sequence[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes
         parse(files, bindings)
         main(argv)

@@ -46,7 +46,9 @@ def test_micro_pipeline_writes_a_report_with_the_trend(tmp_path):
     dera = [row["mean_length"] for row in report["dera"]]
     retrained = [row["mean_length"] for row in report["retrained"]]
     assert dera[0] < dera[1] < dera[2], dera
-    assert retrained[0] < retrained[2], retrained
+    assert retrained[0] < retrained[1] <= retrained[2], retrained
+    # Retrained at the smaller beta (lambda 2): larger KL to SFT.
+    assert report["retrained"][2]["kl"] > report["retrained"][1]["kl"]
     # lambda 0 and 1 are the SFT and the base model themselves.
     assert report["comparison"][0]["length_gap"] == 0.0
     assert report["comparison"][1]["length_gap"] == 0.0

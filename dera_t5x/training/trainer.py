@@ -1,19 +1,21 @@
 """The generic training machinery shared by SFT, reward models and RL.
 
 - `TrainState`: step, params, optimizer state and rng in one pytree.
-- `make_optimizer`: optax Adafactor (T5X's fine-tuning defaults) or AdamW with
-  constant, linear warm-up or rsqrt schedules and global-norm clipping.
-- `make_train_step(loss_fn, optimizer)`: one jitted, state-donating update for
-  any `loss_fn(params, batch, rng) -> (loss, metrics)`.
-- `Checkpointer`: orbax `CheckpointManager` over `TrainState` (periodic, keep
-  N, restore latest).
-- `MetricsWriter`: `metrics.jsonl` and TensorBoard event files in the model dir.
-- `train_loop`: resumes from the latest checkpoint, steps with a progress
-  bar, evaluates, checkpoints, stops on a non-finite loss naming the step.
+- `make_schedule` / `make_optimizer` (gin): optax Adafactor with T5X's
+  defaults or AdamW; constant, linear warm-up or rsqrt schedules; optional
+  global-norm clipping.
+- `make_train_step(loss_fn, optimizer, partitioner)`: one jitted,
+  state-donating update for any `loss_fn(params, batch, rng) -> (loss, metrics)`.
+- `Checkpointer`: orbax `CheckpointManager` over `TrainState` under
+  `model_dir/checkpoints` (periodic, keep N, restore latest or a given step).
+- `MetricsWriter`: `metrics.jsonl` and TensorBoard event files in model_dir.
+- `train_loop`: resumes from the latest checkpoint in model_dir, steps with a
+  tqdm bar (loss, tokens/s), evaluates, checkpoints, and stops on a
+  non-finite loss with an error naming the step.
 
 Exact resume: the rng lives in the state and the batch of step s comes from
 `batches_from(s)`, so a run killed after a checkpoint and restarted ends with
-the same params as an uninterrupted one.
+params bitwise equal to an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -33,12 +35,26 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 
+from dera_t5x import partitioning
+
 Params = Any
 Batch = Mapping[str, Any]
+Metrics = Mapping[str, Any]
 LossFn = Callable[[Params, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+TrainStep = Callable[["TrainState", Batch], tuple["TrainState", Metrics]]
+LOG_EVERY = 10
 
 
 class TrainState(flax.struct.PyTreeNode):
+    """Everything a step reads and writes; checkpointed as one pytree.
+
+    Attributes:
+      step: int32 [] number of updates applied.
+      params: the model parameters.
+      opt_state: the optimizer state for `params`.
+      rng: the PRNG key of the next step (split once per step).
+    """
+
     step: jax.Array
     params: Params
     opt_state: Any
@@ -52,10 +68,19 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 @gin.configurable
-def make_schedule(kind: str = "constant", learning_rate: float = 1e-3, warmup_steps: int = 0,
-                  ) -> optax.Schedule:
-    """`constant`, `linear_warmup` (0 -> lr over warmup_steps, then constant) or
-    `rsqrt` (T5X: lr * rsqrt(max(step, warmup_steps)) * sqrt(warmup_steps))."""
+def make_schedule(kind: str = "constant", learning_rate: float = 1e-3,
+                  warmup_steps: int = 0) -> optax.Schedule:
+    """A learning-rate schedule.
+
+    Args:
+      kind: 'constant'; 'linear_warmup' (0 -> learning_rate over warmup_steps,
+        then constant); or 'rsqrt' (T5X pre-training:
+        learning_rate * sqrt(warmup) / sqrt(max(step, warmup))).
+      learning_rate: the base (peak) rate.
+      warmup_steps: warm-up length for 'linear_warmup' and 'rsqrt'.
+    """
+    if learning_rate <= 0:
+        raise ValueError(f"learning_rate must be > 0, got {learning_rate}.")
     if kind == "constant":
         return optax.constant_schedule(learning_rate)
     if kind == "linear_warmup":
@@ -72,12 +97,23 @@ def make_schedule(kind: str = "constant", learning_rate: float = 1e-3, warmup_st
 def make_optimizer(name: str = "adafactor", schedule: optax.Schedule | None = None,
                    weight_decay: float = 0.0, max_grad_norm: float | None = None
                    ) -> optax.GradientTransformation:
-    """Adafactor as T5X fine-tunes T5 (factored second moments, decay 0.8,
-    update clipping 1.0, relative step off, no momentum) or AdamW."""
+    """Adafactor as T5X fine-tunes T5, or AdamW.
+
+    Adafactor follows T5X's `adafactor.Adafactor` defaults (which
+    `optax.adafactor` shares): factored second moments for dims >= 128, decay
+    rate 0.8, update clipping at RMS 1.0, updates scaled by the parameter's
+    RMS (`multiply_by_parameter_scale`), no momentum, epsilon 1e-30.
+
+    Args:
+      name: 'adafactor' or 'adamw'.
+      schedule: learning rate schedule (default: constant 1e-3).
+      weight_decay: decoupled weight decay (0 disables it).
+      max_grad_norm: clip gradients to this global norm first (None disables).
+    """
     schedule = schedule if schedule is not None else make_schedule()
     if name == "adafactor":
         optimizer = optax.adafactor(schedule, decay_rate=0.8, clipping_threshold=1.0,
-                                    multiply_by_parameter_scale=False,
+                                    multiply_by_parameter_scale=True,
                                     weight_decay_rate=weight_decay or None)
     elif name == "adamw":
         optimizer = optax.adamw(schedule, weight_decay=weight_decay)
@@ -88,11 +124,16 @@ def make_optimizer(name: str = "adafactor", schedule: optax.Schedule | None = No
     return optimizer
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """A jitted `(state, batch) -> (state, metrics)` that donates the old state."""
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    partitioner: partitioning.Partitioner | None = None) -> TrainStep:
+    """A jitted `(state, batch) -> (state, metrics)` that donates the old state.
 
-    def step(state: TrainState, batch: Batch):
+    With a partitioner, the state keeps the partitioner's shardings (pass it
+    through `partitioner.shard_state` once) and batches are sharded over
+    'data' (`partitioner.shard_batch`); XLA inserts the collectives.
+    """
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         rng, step_rng = jax.random.split(state.rng)
         grads, metrics = jax.grad(lambda p: loss_fn(p, batch, step_rng), has_aux=True)(
             state.params)
@@ -101,7 +142,21 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation
         return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                           opt_state=opt_state, rng=rng), metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    if partitioner is None:
+        return jax.jit(step, donate_argnums=(0,))
+    compiled = {}
+
+    def sharded_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        if "fn" not in compiled:
+            shardings = partitioner.state_shardings(state)
+            compiled["fn"] = jax.jit(
+                step, donate_argnums=(0,),
+                in_shardings=(shardings, jax.tree_util.tree_map(
+                    lambda x: partitioner.batch_sharding(np.ndim(x)), batch)),
+                out_shardings=(shardings, partitioner.replicated()))
+        return compiled["fn"](state, batch)
+
+    return sharded_step
 
 
 class Checkpointer:
@@ -115,15 +170,21 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def save(self, state: TrainState) -> None:
+        """Saves (and waits for) the state's step unless it is already saved."""
         step = int(state.step)
         if step not in self.manager.all_steps():
             self.manager.save(step, args=ocp.args.StandardSave(state))
             self.manager.wait_until_finished()
 
     def restore(self, target: TrainState, step: int | None = None) -> TrainState:
-        """Restores `step` (default: the latest) into the structure of `target`."""
+        """Restores `step` (default: the latest) into the structure and shardings of `target`."""
         step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint in {self.directory}.")
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
@@ -132,7 +193,7 @@ class Checkpointer:
 
 
 class MetricsWriter:
-    """Appends metrics to `metrics.jsonl` and TensorBoard event files."""
+    """Appends metrics to `metrics.jsonl` and TensorBoard event files in model_dir."""
 
     def __init__(self, model_dir: str | pathlib.Path):
         import tensorflow as tf  # Deferred: TensorFlow is slow to import.
@@ -142,7 +203,7 @@ class MetricsWriter:
         self._tf = tf
         self._writer = tf.summary.create_file_writer(str(self.model_dir / "tensorboard"))
 
-    def write(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> None:
+    def write(self, step: int, metrics: Metrics, prefix: str = "train") -> None:
         values = {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
         with open(self.model_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
@@ -151,73 +212,126 @@ class MetricsWriter:
                 self._tf.summary.scalar(name, value)
         self._writer.flush()
 
+    def close(self) -> None:
+        self._writer.close()
+
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; the message names the step."""
 
 
 def write_gin_config(model_dir: str | pathlib.Path) -> None:
-    """The operative gin config next to the checkpoints, as T5X does."""
+    """The operative gin config (what the run actually used) as model_dir/config.gin."""
     path = pathlib.Path(model_dir)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.gin").write_text(gin.config_str())
+    (path / "config.gin").write_text(gin.operative_config_str())
 
 
-def train_loop(state: TrainState, train_step: Callable, batches_from: Callable[[int], Iterator],
-               *, num_steps: int, model_dir: str | pathlib.Path, checkpoint_every: int = 100,
-               eval_fn: Callable[[Params], dict[str, float]] | None = None,
-               eval_every: int = 0, keep_checkpoints: int = 2, description: str = "train",
-               tokens_per_batch: Callable[[Batch], int] | None = None) -> TrainState:
+def _restore_for(checkpointer: Checkpointer, state: TrainState, num_steps: int) -> TrainState:
+    """The latest checkpoint, or the one at num_steps when the dir went further."""
+    latest = checkpointer.latest_step()
+    if latest is None:
+        return state
+    if latest <= num_steps:
+        return checkpointer.restore(state, latest)
+    if num_steps in checkpointer.all_steps():
+        return checkpointer.restore(state, num_steps)
+    raise ValueError(f"{checkpointer.directory} already holds step {latest}, past num_steps="
+                     f"{num_steps}, and no checkpoint at {num_steps}; use a new model_dir or "
+                     f"num_steps >= {latest}.")
+
+
+def train_loop(state: TrainState, train_step: TrainStep,
+               batches_from: Callable[[int], Iterator[Batch]], *, num_steps: int,
+               model_dir: str | pathlib.Path, checkpoint_every: int = 100,
+               eval_fn: Callable[[Params], Metrics] | None = None, eval_every: int = 0,
+               keep_checkpoints: int = 2, description: str = "train",
+               tokens_per_batch: Callable[[Batch], int] | None = None,
+               partitioner: partitioning.Partitioner | None = None) -> TrainState:
     """Trains `state` to `num_steps`, resuming from the latest checkpoint in model_dir.
 
+    The loss is read back only every `LOG_EVERY` steps and before each
+    checkpoint or evaluation, so the host does not stall the device; a
+    non-finite loss is still reported at the first step it occurred, and a
+    state after it is never saved.
+
     Args:
+      state: the initial state (its structure and shardings are the restore target).
+      train_step: `(state, batch) -> (state, metrics)`; metrics hold 'loss'.
       batches_from: step -> iterator over the batches of steps step, step + 1, ...
+      num_steps: the total number of steps (a finished model_dir trains no more).
+      model_dir: checkpoints/, metrics.jsonl, tensorboard/ and config.gin go here.
+      checkpoint_every: save every this many steps (and always at num_steps).
       eval_fn: params -> metrics, run every `eval_every` steps and at the end.
+      tokens_per_batch: host batch -> token count, for the tokens/s figure.
+      partitioner: places the state and shards each batch over 'data'.
+    Returns:
+      the state at num_steps.
     Raises:
       NonFiniteLossError: on a NaN / inf loss; the last saved checkpoint (from
         before that step) stays restorable.
     """
     if num_steps < 0:
         raise ValueError(f"num_steps must be >= 0, got {num_steps}.")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}.")
     checkpointer = Checkpointer(model_dir, keep_checkpoints)
+    if partitioner is not None:
+        state = partitioner.shard_state(state)
+    state = _restore_for(checkpointer, state, num_steps)
+    start = int(state.step)
+    if start >= num_steps and num_steps > 0:
+        checkpointer.close()
+        return state
     writer = MetricsWriter(model_dir)
     write_gin_config(model_dir)
-    if checkpointer.latest_step() is not None:
-        state = checkpointer.restore(state)
-    start = int(state.step)
     batches = batches_from(start)
     progress = tqdm.tqdm(total=num_steps, initial=start, desc=description, dynamic_ncols=True,
                          mininterval=2.0)
+    pending: list[tuple[int, Any]] = []  # (step, loss) not yet checked on the host
+
+    def check_pending() -> None:
+        for pending_step, loss in pending:
+            if not math.isfinite(float(loss)):
+                raise NonFiniteLossError(
+                    f"{description}: the loss is {float(loss)} at step {pending_step}; stopped "
+                    f"without saving. The last good checkpoint is step "
+                    f"{checkpointer.latest_step()} in {checkpointer.directory}. Lower the "
+                    f"learning rate or check the data.")
+        pending.clear()
+
     last_time, tokens = time.perf_counter(), 0
     try:
         for step in range(start, num_steps):
             batch = next(batches)
-            new_state, metrics = train_step(state, batch)
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"{description}: the loss is {loss} at step {step + 1}; stopped without "
-                    f"saving. The last good checkpoint is step {checkpointer.latest_step()} in "
-                    f"{checkpointer.directory}. Lower the learning rate or check the data.")
-            state = new_state
             tokens += tokens_per_batch(batch) if tokens_per_batch else 0
+            if partitioner is not None:
+                batch = partitioner.shard_batch(batch)
+            state, metrics = train_step(state, batch)
             done = step + 1
-            if done % 10 == 0 or done == num_steps:
+            pending.append((done, metrics["loss"]))
+            progress.update(1)
+            evaluate = bool(eval_fn and eval_every and done % eval_every == 0
+                            and done != num_steps)
+            save = done % checkpoint_every == 0 or done == num_steps
+            if done % LOG_EVERY == 0 or done == num_steps or evaluate or save:
+                check_pending()
                 now = time.perf_counter()
                 rate = tokens / max(now - last_time, 1e-9)
                 last_time, tokens = now, 0
-                writer.write(done, {k: float(v) for k, v in metrics.items()})
-                progress.set_postfix(loss=f"{loss:.3f}", tokens_per_s=f"{rate:.0f}")
-            progress.update(1)
-            if eval_fn and eval_every and done % eval_every == 0 and done != num_steps:
+                writer.write(done, metrics)
+                progress.set_postfix(loss=f"{float(metrics['loss']):.3f}",
+                                     tokens_per_s=f"{rate:.0f}")
+            if evaluate:
                 writer.write(done, eval_fn(state.params), prefix="eval")
-            if done % checkpoint_every == 0 or done == num_steps:
+            if save:
                 checkpointer.save(state)
-        if eval_fn and start < num_steps:
+        if eval_fn and num_steps > start:
             writer.write(num_steps, eval_fn(state.params), prefix="eval")
-        if start == num_steps == 0:
+        if num_steps == 0:
             checkpointer.save(state)
     finally:
         progress.close()
+        writer.close()
         checkpointer.close()
     return state

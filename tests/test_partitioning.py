@@ -1,0 +1,109 @@
+"""Partitioning: logical rules, clear errors, and 8 simulated devices matching one."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from dera_t5x import partitioning
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_logical_axes_of_t5_parameters():
+    rules = {
+        "encoder/layers_0/attention/query/kernel": (None, "model"),
+        "decoder/layers_1/encoder_decoder_attention/value/kernel": (None, "model"),
+        "decoder/layers_0/self_attention/out/kernel": ("model", None),
+        "encoder/layers_0/mlp/wi/kernel": (None, "model"),
+        "encoder/layers_0/mlp/wi_1/kernel": (None, "model"),
+        "decoder/layers_0/mlp/wo/kernel": ("model", None),
+        "token_embedder/embedding": ("model", None),
+        "decoder/logits_dense/kernel": (None, "model"),
+        "decoder/relpos_bias/rel_embedding": (None, None),
+    }
+    for path, expected in rules.items():
+        logical = partitioning.param_logical_axes(path, 2)
+        assert partitioning.logical_to_mesh_axes(logical) == expected, path
+    assert partitioning.param_logical_axes("encoder/encoder_norm/scale", 1) == (None,)
+
+
+def test_one_device_and_bad_shapes():
+    partitioner = partitioning.Partitioner()
+    assert partitioner.mesh.shape == {"data": jax.device_count(), "model": 1}
+    with pytest.raises(ValueError, match="needs 6 devices"):
+        partitioning.Partitioner((3, 2))
+    with pytest.raises(ValueError, match=r"\(data, model\)"):
+        partitioning.Partitioner((1,))
+    batch = partitioner.shard_batch({"x": np.arange(6).reshape(3, 2)})
+    np.testing.assert_array_equal(batch["x"], np.arange(6).reshape(3, 2))
+
+
+_EIGHT_DEVICES = textwrap.dedent("""
+    import jax, numpy as np
+    from jax.sharding import PartitionSpec as P
+    from dera_t5x import models, network, partitioning
+    from dera_t5x.training import trainer
+
+    assert jax.device_count() == 8
+    config = network.T5Config(vocab_size=256, emb_dim=32, num_heads=4, head_dim=8,
+                              mlp_dim=64, num_encoder_layers=1, num_decoder_layers=1,
+                              mlp_activations=("gelu", "linear"), logits_via_embedding=False,
+                              dropout_rate=0.1)
+    model = models.EncoderDecoderModel(config)
+    rng = np.random.default_rng(0)
+    batch = {"encoder_input_tokens": rng.integers(1, 256, (8, 12)).astype(np.int32),
+             "decoder_input_tokens": rng.integers(1, 256, (8, 6)).astype(np.int32),
+             "decoder_target_tokens": rng.integers(1, 256, (8, 6)).astype(np.int32),
+             "decoder_loss_weights": np.ones((8, 6), np.int32)}
+    loss_fn = lambda p, b, r: model.loss(p, b, r)
+
+    def run(name, partitioner):
+        optimizer = trainer.make_optimizer(name, trainer.make_schedule("constant", 1e-2))
+        state = trainer.TrainState.create(model.init(jax.random.PRNGKey(0)), optimizer, 0)
+        step = trainer.make_train_step(loss_fn, optimizer, partitioner)
+        if partitioner is not None:
+            state = partitioner.shard_state(state)
+        losses = []
+        for _ in range(2):
+            b = partitioner.shard_batch(batch) if partitioner else batch
+            state, metrics = step(state, b)
+            losses.append(float(metrics["loss"]))
+        return state, losses
+
+    for name in ("adamw", "adafactor"):
+        reference, ref_losses = run(name, None)
+        for shape in ((2, 4), (4, 2)):
+            partitioner = partitioning.Partitioner(shape)
+            state, losses = run(name, partitioner)
+            q = state.params["encoder"]["layers_0"]["attention"]["query"]["kernel"]
+            assert q.sharding.spec == P(None, "model"), q.sharding.spec
+            emb = state.params["token_embedder"]["embedding"]
+            assert emb.sharding.spec == P("model", None), emb.sharding.spec
+            np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-5)
+            jax.tree_util.tree_map(
+                lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                        rtol=1e-5, atol=1e-5),
+                state.params, reference.params)
+            print(name, shape, "ok", losses)
+    try:
+        partitioning.Partitioner((4, 2)).shard_batch({"x": np.zeros((6, 3))})
+    except ValueError as e:
+        assert "not divisible by the 4 devices" in str(e), e
+        print("batch error ok")
+""")
+
+
+@pytest.mark.slow
+def test_eight_devices_match_one():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(" ok ") == 4 and "batch error ok" in result.stdout, result.stdout
