@@ -12,6 +12,9 @@ and our model FLOPs utilization: the FLOPs XLA counts for the step divided by
 a matmul peak measured in the same run (a large `jnp.dot`). Prints one line
 per shape, then one JSON line of all figures. Not a test: timings are noisy.
 
+It also splits one RL step (REINFORCE, batch prompts, `--targets` sampled
+tokens) into rollout, scoring and update, so the cost of each is visible.
+
 `--dtype bfloat16` runs our activations in bfloat16 (params stay float32)
 and PyTorch under bfloat16 autocast; meant for accelerators.
 """
@@ -37,6 +40,8 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from dera_t5x import checkpoints  # noqa: E402
 from dera_t5x import models  # noqa: E402
+from dera_t5x.training import rewards  # noqa: E402
+from dera_t5x.training import rl  # noqa: E402
 from dera_t5x.training import trainer  # noqa: E402
 
 SHAPES = {
@@ -154,6 +159,44 @@ def bench_shape(shape: str, batch_size: int, inputs: int, targets: int, reps: in
             "first_loss_torch": peer_first_loss}
 
 
+def bench_rl_step(shape: str, batch_size: int, inputs: int, targets: int, reps: int) -> dict:
+    """Seconds per RL step split into rollout (sampling `targets` tokens),
+    scoring (policy and reference log-probs, values, advantages) and update."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _hf_model(shape, pathlib.Path(tmp))
+        config, params = checkpoints.load_hf_t5(pathlib.Path(tmp))
+    model = models.EncoderDecoderModel(config)
+    rl_config = rl.RLConfig(beta=0.1, max_decode_len=targets)
+    optimizer = rl.make_optimizer(1e-5, 1e-4)
+    steps = rl.make_step_functions(model, rl_config, optimizer, rewards.length_reward())
+    state = {"params": rl.init_params(jax.tree_util.tree_map(jnp.copy, params),
+                                      config.emb_dim)}
+    state["opt_state"] = optimizer.init(state["params"])
+    prompts = jnp.asarray(_batch(config.vocab_size, batch_size, inputs, targets)[
+        "encoder_input_tokens"])
+    out = {}
+
+    def rollout():
+        out["rollout"] = jax.block_until_ready(
+            steps.rollout(state["params"], prompts, jax.random.PRNGKey(0)))
+
+    def score():
+        out["batch"] = jax.block_until_ready(
+            steps.score(state["params"], params, None, *out["rollout"]))
+
+    def update():
+        state["params"], state["opt_state"], metrics = steps.update(
+            state["params"], state["opt_state"], out["batch"])
+        jax.block_until_ready(metrics)
+
+    rollout(), score()
+    times = {name: _median_step_time(fn, reps) for name, fn in
+             (("rollout", rollout), ("scoring", score), ("update", update))}
+    total = sum(times.values())
+    return {f"rl_{k}_s": v for k, v in times.items()} | {
+        f"rl_{k}_share": v / total for k, v in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="tiny,t5_small")
@@ -181,6 +224,12 @@ def main() -> None:
               f"{r['torch_tokens_per_s']:.0f} ({r['speedup_vs_torch']:.2f}x); MFU "
               f"{100 * r['mfu']:.1f}%; first-step loss {r['first_loss_ours']:.4f} vs "
               f"{r['first_loss_torch']:.4f}", flush=True)
+        figures.update({f"{shape}_{k}": v for k, v in r.items()})
+        r = bench_rl_step(shape, args.batch, args.inputs, args.targets, args.reps)
+        print(f"{shape} RL step: rollout {r['rl_rollout_s']:.3f}s "
+              f"({100 * r['rl_rollout_share']:.0f}%), scoring {r['rl_scoring_s']:.3f}s "
+              f"({100 * r['rl_scoring_share']:.0f}%), update {r['rl_update_s']:.3f}s "
+              f"({100 * r['rl_update_share']:.0f}%)", flush=True)
         figures.update({f"{shape}_{k}": v for k, v in r.items()})
     figures["mfu"] = figures.get("t5_small_mfu", figures.get(f"{shape}_mfu"))
     print(json.dumps(figures))
