@@ -92,3 +92,17 @@ def test_a_nan_reward_skips_the_batch():
                                         PROMPTS[:8], jax.random.PRNGKey(0))
     assert metrics is None
     jax.tree_util.tree_map(np.testing.assert_array_equal, new_params, params)
+
+
+def test_a_reference_of_another_architecture_is_refused(tmp_path):
+    model = models.EncoderDecoderModel(CONFIG)
+    other = models.EncoderDecoderModel(network.T5Config(**{**CONFIG.__dict__, "emb_dim": 24}))
+    with pytest.raises(ValueError, match="differ in"):
+        rl.train_rl(str(tmp_path), model=model, ref_params=other.init(jax.random.PRNGKey(0)),
+                    reward=rewards.length_reward(), beta=0.1, task_name="xsum_bundled",
+                    feature_lengths={"inputs": 16, "targets": 8}, num_steps=1)
+    assert not (tmp_path / "checkpoints").exists()
+    with pytest.raises(ValueError, match="beta must be a finite number > 0"):
+        rl.train_rl(str(tmp_path), model=model, ref_params=model.init(jax.random.PRNGKey(0)),
+                    reward=rewards.length_reward(), beta=0.0, task_name="xsum_bundled",
+                    feature_lengths={"inputs": 16, "targets": 8}, num_steps=1)
