@@ -24,12 +24,18 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import safetensors.numpy
+import tensorstore as ts
 
 from dera_t5x import models
 from dera_t5x import network
 
 Params = Any
-_ORBAX_MARKER = "_CHECKPOINT_METADATA"
+_PLACEHOLDER = "PLACEHOLDER://"  # An array stored beside the msgpack (T5X + orbax).
+# Architecture fields compared when a Hugging Face directory is loaded for a config.
+_ARCHITECTURE_FIELDS = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
+                        "num_encoder_layers", "num_decoder_layers", "mlp_activations",
+                        "logits_via_embedding", "relative_attention_num_buckets",
+                        "relative_attention_max_distance", "layer_norm_epsilon")
 
 
 def save_params(path: str | pathlib.Path, params: Params) -> None:
@@ -156,16 +162,23 @@ def _hf_names(config: network.T5Config) -> dict[str, tuple[str, bool]]:
 def load_hf_t5(path: str | pathlib.Path) -> tuple[network.T5Config, Params]:
     """Reads a Hugging Face T5 directory into (config, params)."""
     path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No checkpoint at {path}.")
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a Hugging Face T5 directory (no config.json).")
     config = _hf_config(json.loads((path / "config.json").read_text()), path)
     tensors = _read_safetensors(path)
+    expected = expected_shapes(config)
     flat = {}
     for ours, (theirs, transpose) in _hf_names(config).items():
         if theirs not in tensors:
             raise ValueError(f"{path}: tensor {theirs} (for {ours}) is missing.")
         value = np.asarray(tensors[theirs], np.float32)
         flat[ours] = value.T if transpose else value
+        if flat[ours].shape != expected[ours]:
+            raise ValueError(f"{path}: tensor {theirs} has shape {value.shape}, so parameter "
+                             f"{ours} has shape {flat[ours].shape} but the model config "
+                             f"expects {expected[ours]}.")
     params = flax.traverse_util.unflatten_dict(flat, sep="/")
     return config, check_params(params, config, str(path))
 
@@ -173,47 +186,73 @@ def load_hf_t5(path: str | pathlib.Path) -> tuple[network.T5Config, Params]:
 # ------------------------------------------------------------------------ T5X
 
 
-def _read_tensorstore(spec: dict[str, Any], checkpoint_dir: str) -> np.ndarray:
-    import tensorstore as ts  # Deferred: only T5X checkpoints need it.
-
-    spec = json.loads(json.dumps(spec))
-    kvstore = spec["kvstore"]
-    relative = kvstore.get("path", "")
+def _kvstore(checkpoint_dir: str, relative: str) -> dict[str, str]:
+    """A tensorstore kvstore spec for `relative` inside a local or gs:// folder."""
     if checkpoint_dir.startswith("gs://"):
         bucket, _, prefix = checkpoint_dir[len("gs://"):].partition("/")
-        spec["kvstore"] = {"driver": "gcs", "bucket": bucket,
-                           "path": f"{prefix.rstrip('/')}/{relative}"}
-    else:
-        spec["kvstore"] = {"driver": "file",
-                           "path": str(pathlib.Path(checkpoint_dir).resolve() / relative) + "/"}
+        return {"driver": "gcs", "bucket": bucket,
+                "path": f"{prefix.strip('/')}/{relative}".lstrip("/")}
+    return {"driver": "file", "path": f"{pathlib.Path(checkpoint_dir).resolve()}/{relative}"}
+
+
+def _read_tensorstore(spec: dict[str, Any], checkpoint_dir: str) -> np.ndarray:
+    """Reads one T5X array, whose spec carries the zarr metadata inline."""
+    spec = json.loads(json.dumps(spec))
+    spec["kvstore"] = _kvstore(checkpoint_dir, spec["kvstore"].get("path", "").rstrip("/") + "/")
     # T5X keeps the zarr metadata in the spec; the folders hold only chunks.
     return ts.open(spec, open=True, assume_metadata=True).result().read().result()
 
 
+def _read_placeholder(name: str, checkpoint_dir: str) -> np.ndarray:
+    """Reads one array of T5X's orbax-era layout: a zarr folder named `name`."""
+    kvstore = _kvstore(checkpoint_dir, name + "/")
+    if not ts.KvStore.open(kvstore).result().read(".zarray").result().value:
+        raise NotImplementedError(
+            f"{checkpoint_dir}: array {name} of this orbax-era T5X checkpoint has no zarr "
+            "metadata (.zarray) beside its chunks; this layout is not supported. Restore it "
+            "with T5X and re-save it as a legacy (msgpack + tensorstore) checkpoint.")
+    return ts.open({"driver": "zarr", "kvstore": kvstore}, open=True).result().read().result()
+
+
+def _read_bytes(path: str) -> bytes:
+    """The bytes of a local or gs:// file."""
+    if path.startswith("gs://"):
+        directory, _, name = path.rpartition("/")
+        result = ts.KvStore.open(_kvstore(directory, "")).result().read(name).result()
+        if result.state != "value":
+            raise FileNotFoundError(f"No T5X checkpoint file at {path}.")
+        return result.value
+    return pathlib.Path(path).read_bytes()
+
+
 def read_t5x_msgpack_tree(path: str | pathlib.Path) -> dict[str, Any]:
-    """The whole T5X checkpoint tree, tensorstore arrays read into numpy."""
+    """The whole T5X checkpoint tree, tensorstore / zarr arrays read into numpy.
+
+    Args:
+      path: a `checkpoint_<step>` folder or the `checkpoint` file in it (local or gs://).
+    """
     path_str = str(path)
-    if not path_str.startswith("gs://"):
+    if path_str.startswith("gs://"):
+        if not path_str.endswith("/checkpoint"):
+            path_str = path_str.rstrip("/") + "/checkpoint"
+    else:
         local = pathlib.Path(path_str)
         if local.is_dir():
             local = local / "checkpoint"
         if not local.exists():
             raise FileNotFoundError(f"No T5X checkpoint file at {local}.")
-        data, checkpoint_dir = local.read_bytes(), str(local.parent)
-    else:
-        import tensorflow as tf  # gfile reads gs:// paths.
-
-        file_path = path_str if path_str.endswith("/checkpoint") else path_str.rstrip("/") + "/checkpoint"
-        with tf.io.gfile.GFile(file_path, "rb") as f:
-            data = f.read()
-        checkpoint_dir = file_path.rsplit("/", 1)[0]
-    tree = flax.serialization.msgpack_restore(data)
+        path_str = str(local)
+    checkpoint_dir = path_str.rpartition("/")[0] if path_str.startswith("gs://") else str(
+        pathlib.Path(path_str).parent)
+    tree = flax.serialization.msgpack_restore(_read_bytes(path_str))
 
     def resolve(node):
         if isinstance(node, dict) and node.get("driver") in ("zarr", "zarr3"):
             return _read_tensorstore(node, checkpoint_dir)
         if isinstance(node, dict):
             return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, str) and node.startswith(_PLACEHOLDER):
+            return _read_placeholder(node[len(_PLACEHOLDER):], checkpoint_dir)
         return node
 
     return resolve(tree)
@@ -223,7 +262,8 @@ def load_t5x_checkpoint(path: str | pathlib.Path, config: network.T5Config) -> P
     """The `optimizer/target` params of a T5X checkpoint, checked against config."""
     tree = read_t5x_msgpack_tree(path)
     try:
-        target = tree["optimizer"]["target"]
+        # Legacy checkpoints say `optimizer`, orbax-era ones `_optimizer`.
+        target = tree["optimizer" if "optimizer" in tree else "_optimizer"]["target"]
     except (KeyError, TypeError):
         raise ValueError(f"{path} is not a T5X checkpoint: no optimizer/target tree "
                          f"(top-level keys {sorted(tree)[:5]}).") from None
@@ -243,9 +283,7 @@ def load_params(spec: str, config: network.T5Config) -> Params:
         raise FileNotFoundError(f"No checkpoint at {spec}.")
     if (path / "config.json").exists():
         hf_config, params = load_hf_t5(path)
-        differing = [f for f in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
-                                 "num_encoder_layers", "num_decoder_layers", "mlp_activations",
-                                 "logits_via_embedding")
+        differing = [f for f in _ARCHITECTURE_FIELDS
                      if getattr(hf_config, f) != getattr(config, f)]
         if differing:
             raise ValueError(f"{spec} has a different architecture than the model config: "

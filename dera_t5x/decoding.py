@@ -2,8 +2,8 @@
 
 `sample` runs `tokens_to_logits` once per decode step inside `lax.scan`
 (optionally a `lax.while_loop` over chunks of scan that stops once every row
-has ended), with fixed shapes and no host round trip. It knows nothing about
-models: plain decoding, RL rollouts and DeRa differ only in the
+has ended), with fixed shapes and no host round trip per step. It knows
+nothing about models: plain decoding, RL rollouts and DeRa differ only in the
 `tokens_to_logits` they pass. Call it under `jax.jit` with the parameters as
 arguments of the jitted function.
 """
@@ -14,19 +14,25 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
+# (previous tokens [batch], cache) -> (logits [batch, vocab], cache, {name: [batch, vocab]}).
 TokensToLogits = Callable[[Array, Any], tuple[Array, Any, dict[str, Array]]]
 
 
 class DecodeOutput(NamedTuple):
-    """tokens: [batch, max_decode_len] int32, 0 after the first EOS.
-    lengths: [batch] int32, generated tokens including EOS (max_decode_len without EOS).
-    log_probs: [batch, max_decode_len] float32, each chosen token under the
-      distribution it was sampled from (temperature, top-k / top-p applied and
-      renormalized; log_softmax(logits) for greedy rows); 0 after the end.
-    aux_log_probs: name -> [batch, max_decode_len] float32, each auxiliary
-      distribution of `tokens_to_logits` at the chosen token; 0 after the end.
+    """The sampled sequences and their per-token log-probs.
+
+    Attributes:
+      tokens: [batch, max_decode_len] int32; 0 after the first EOS.
+      lengths: [batch] int32; generated tokens including the EOS, or
+        max_decode_len for a row without EOS.
+      log_probs: [batch, max_decode_len] float32; each chosen token under the
+        distribution it was sampled from (temperature, then top-k / top-p,
+        renormalized); under log_softmax(logits) for greedy rows; 0 after the end.
+      aux_log_probs: name -> [batch, max_decode_len] float32; each auxiliary
+        distribution of `tokens_to_logits` at the chosen token; 0 after the end.
     """
 
     tokens: Array
@@ -36,38 +42,38 @@ class DecodeOutput(NamedTuple):
 
 
 def filter_logits(logits: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
-    """Masks all but the top-k and the top-p nucleus of logits [batch, vocab].
+    """Keeps the top-k tokens, then the top-p nucleus of what is left.
 
-    top-k keeps every token whose logit ties the k-th largest; top-p keeps
-    the smallest prefix of tokens sorted by probability whose mass reaches
-    top_p (the most likely token is always kept). Masked logits are -inf.
+    Both filters rank tokens by logit with ties broken towards the lower token
+    id (as `lax.top_k` and `argmax` do), so top-k keeps exactly
+    min(top_k, vocab) tokens and top_k=1 is greedy. top-p keeps the shortest
+    prefix of that ranking whose probability (softmax of the logits after
+    top-k, summed in float32) reaches top_p; the most likely token is always
+    kept. Filters at 0 / 1.0 are off.
+
+    Args:
+      logits: [..., vocab] float.
+      top_k: static; 0 = off.
+      top_p: static, in (0, 1]; 1.0 = off.
+
+    Returns:
+      [..., vocab]: the kept logits unchanged, the others -inf.
     """
-    if top_k:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    _check_filters(top_k, top_p)
+    vocab = logits.shape[-1]
+    if top_k >= vocab:
+        top_k = 0
+    if not top_k and top_p >= 1.0:
+        return logits
+    values, ids = jax.lax.top_k(logits, top_k or vocab)  # [..., k], descending
     if top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        # Mass strictly before each sorted position; keep while it is < top_p.
-        before = cumulative - jax.nn.softmax(sorted_logits, axis=-1)
-        keep = before < top_p
-        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return logits
-
-
-def _check_static(batch_size: int, max_decode_len: int, top_k: int, top_p: float,
-                  chunk_size: int | None) -> None:
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if max_decode_len < 1:
-        raise ValueError(f"max_decode_len must be >= 1, got {max_decode_len}.")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 turns it off), got {top_k}.")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (1 turns it off), got {top_p}.")
-    if chunk_size is not None and not 1 <= chunk_size:
-        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}.")
+        probs = jax.nn.softmax(values.astype(jnp.float32), axis=-1)
+        cumulative = jnp.cumsum(probs, axis=-1)
+        mass_before = jnp.concatenate(
+            [jnp.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], axis=-1)
+        values = jnp.where(mass_before < top_p, values, -jnp.inf)
+    masked = jnp.full_like(logits, -jnp.inf)
+    return jnp.put_along_axis(masked, ids, values, axis=-1, inplace=False)
 
 
 def sample(tokens_to_logits: TokensToLogits, init_cache: Any, rng: Array, *,
@@ -76,66 +82,96 @@ def sample(tokens_to_logits: TokensToLogits, init_cache: Any, rng: Array, *,
            chunk_size: int | None = None) -> DecodeOutput:
     """Samples up to `max_decode_len` tokens per row.
 
+    Step t feeds the previous tokens (start_id at t = 0, then what was chosen;
+    a row that has ended, by emitting eos_id, is fed 0), samples from
+    filter_logits(logits / temperature) with key `fold_in(rng, t)`, and forces
+    the output of ended rows to 0. A result therefore depends only on rng and
+    the logits, not on how `tokens_to_logits` computes them.
+
     Args:
-      tokens_to_logits: (previous tokens [batch] int32, cache) -> (logits
-        [batch, vocab] float32, new cache, aux log-probs {name: [batch, vocab]}).
-        Rows that have ended are fed 0 and their outputs are ignored.
-      init_cache: any pytree.
-      rng: the step-t key is `fold_in(rng, t)`, so equal logits give equal
-        samples whatever produced them.
-      temperature: scalar or [batch]; 0 means greedy for that row.
-      top_k, top_p: static filters (0 and 1.0 turn them off).
-      chunk_size: None runs all steps in one scan; an int runs a while loop of
-        scans of that many steps and stops once every row has ended (the
-        result is identical).
+      tokens_to_logits: (tokens [batch] int32, cache) -> (logits [batch,
+        vocab], new cache, aux {name: [batch, vocab] log-probs}); aux may be
+        empty.
+      init_cache: any pytree; every row shares its step index.
+      rng: a PRNG key.
+      batch_size: static.
+      max_decode_len: static, >= 1.
+      eos_id: the token that ends a row.
+      start_id: the token fed at step 0.
+      temperature: scalar or [batch], may be traced; 0 means greedy (argmax,
+        lowest id on ties) for that row and ignores top-k / top-p.
+      top_k: static; 0 = off. See `filter_logits`.
+      top_p: static; 1.0 = off. See `filter_logits`.
+      chunk_size: static. None runs one scan of max_decode_len steps; an int
+        runs a `while_loop` of scans of chunk_size steps that stops at the first
+        chunk boundary where every row has ended (identical results, fewer
+        steps). The first max_decode_len % chunk_size steps run as their own
+        scan, which compiles the step a second time: a divisor of
+        max_decode_len avoids that.
+
+    Returns:
+      A `DecodeOutput`.
+
+    Raises:
+      ValueError: for bad static arguments or temperature, before tracing.
     """
-    _check_static(batch_size, max_decode_len, top_k, top_p, chunk_size)
+    _check_arguments(batch_size, max_decode_len, top_k, top_p, chunk_size, temperature)
     temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (batch_size,))
-    greedy = temperature <= 0.0
-    safe_temperature = jnp.where(greedy, 1.0, temperature)[:, None]
+    greedy = ~(temperature > 0.0)  # [batch]
+    safe_temperature = jnp.where(greedy, 1.0, temperature)[:, None]  # [batch, 1]
+    filtering = bool(top_k) or top_p < 1.0
 
     def step(carry, t):
         tokens, cache, ended = carry
         logits, cache, aux = tokens_to_logits(tokens, cache)
-        logits = logits.astype(jnp.float32)
-        filtered = filter_logits(logits / safe_temperature, top_k, top_p)
+        _check_step_shapes(logits, aux, batch_size)
+        scaled = logits.astype(jnp.float32) / safe_temperature  # [batch, vocab]
+        filtered = scaled
+        if filtering:
+            filtered = jnp.where(greedy[:, None], scaled, filter_logits(scaled, top_k, top_p))
         sampled = jax.random.categorical(jax.random.fold_in(rng, t), filtered, axis=-1)
-        chosen = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
-        sample_log_probs = jnp.where(greedy[:, None], jax.nn.log_softmax(logits),
-                                     jax.nn.log_softmax(filtered))
-        chosen = jnp.where(ended, 0, chosen)
+        chosen = jnp.where(greedy, jnp.argmax(scaled, axis=-1), sampled)
+        chosen = jnp.where(ended, 0, chosen).astype(jnp.int32)  # [batch]
 
-        def gather(log_probs):
+        def gather(log_probs):  # [batch, vocab] -> [batch]
             value = jnp.take_along_axis(log_probs, chosen[:, None], axis=-1)[:, 0]
-            return jnp.where(ended, 0.0, value)
+            return jnp.where(ended, 0.0, value.astype(jnp.float32))
 
-        outputs = (chosen, gather(sample_log_probs),
-                   {name: gather(lp.astype(jnp.float32)) for name, lp in aux.items()})
+        outputs = (chosen, gather(jax.nn.log_softmax(filtered, axis=-1)),
+                   {name: gather(value) for name, value in aux.items()})
         ended = ended | (chosen == eos_id)
-        return (chosen, cache, ended), outputs
+        return (jnp.where(ended, 0, chosen), cache, ended), outputs
 
     carry = (jnp.full((batch_size,), start_id, jnp.int32), init_cache,
              jnp.zeros((batch_size,), bool))
     if chunk_size is None:
-        carry, (tokens, log_probs, aux) = jax.lax.scan(step, carry, jnp.arange(max_decode_len))
+        _, outputs = jax.lax.scan(step, carry, jnp.arange(max_decode_len))
     else:
-        carry, (tokens, log_probs, aux) = _chunked_scan(step, carry, max_decode_len, chunk_size)
-    tokens, log_probs = tokens.T, log_probs.T
-    aux = {name: value.T for name, value in aux.items()}
-    ended_at = jnp.argmax(tokens == eos_id, axis=1) + 1
-    lengths = jnp.where(jnp.any(tokens == eos_id, axis=1), ended_at, max_decode_len)
-    return DecodeOutput(tokens, lengths.astype(jnp.int32), log_probs, aux)
+        outputs = _scan_with_early_exit(step, carry, max_decode_len,
+                                        min(chunk_size, max_decode_len))
+    tokens, log_probs, aux = jax.tree_util.tree_map(lambda x: x.T, outputs)
+    is_eos = tokens == eos_id  # [batch, max_decode_len]
+    lengths = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1,
+                        max_decode_len).astype(jnp.int32)
+    return DecodeOutput(tokens, lengths, log_probs, aux)
 
 
-def _chunked_scan(step, carry, max_decode_len: int, chunk_size: int):
-    """`lax.scan(step, carry, arange(max_decode_len))`, stopping between chunks
-    once every row has ended; outputs after the stop stay 0, as the scan
-    would have produced them."""
-    num_chunks = -(-max_decode_len // chunk_size)
-    padded_len = num_chunks * chunk_size
+def _scan_with_early_exit(step: Callable, carry: Any, length: int, chunk_size: int) -> Any:
+    """The outputs of `lax.scan(step, carry, arange(length))`, stacked on axis 0,
+    skipping whole chunks once every row has ended (carry[2] all true).
+
+    Skipped steps are left 0, which is what the scan would output for rows
+    that have ended. `step` never runs past `length`.
+    """
+    head = length % chunk_size
+    num_chunks = length // chunk_size
+    steps = jnp.arange(length)
+    head_outputs = None
+    if head:
+        carry, head_outputs = jax.lax.scan(step, carry, steps[:head])
     out_shapes = jax.eval_shape(lambda c: step(c, jnp.int32(0))[1], carry)
-    buffers = jax.tree_util.tree_map(lambda s: jnp.zeros((padded_len,) + s.shape, s.dtype),
-                                     out_shapes)
+    buffers = jax.tree_util.tree_map(
+        lambda s: jnp.zeros((num_chunks * chunk_size,) + s.shape, s.dtype), out_shapes)
 
     def cond(state):
         chunk, (_, _, ended), _ = state
@@ -143,12 +179,51 @@ def _chunked_scan(step, carry, max_decode_len: int, chunk_size: int):
 
     def body(state):
         chunk, carry, buffers = state
-        start = chunk * chunk_size
-        carry, outputs = jax.lax.scan(step, carry, start + jnp.arange(chunk_size))
+        offset = chunk * chunk_size
+        carry, outputs = jax.lax.scan(step, carry, head + offset + jnp.arange(chunk_size))
         buffers = jax.tree_util.tree_map(
-            lambda buf, out: jax.lax.dynamic_update_slice_in_dim(buf, out, start, axis=0),
+            lambda buf, out: jax.lax.dynamic_update_slice_in_dim(buf, out, offset, axis=0),
             buffers, outputs)
         return chunk + 1, carry, buffers
 
-    _, carry, buffers = jax.lax.while_loop(cond, body, (jnp.int32(0), carry, buffers))
-    return carry, jax.tree_util.tree_map(lambda b: b[:max_decode_len], buffers)
+    _, _, buffers = jax.lax.while_loop(cond, body, (jnp.int32(0), carry, buffers))
+    if head_outputs is None:
+        return buffers
+    return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b], axis=0),
+                                  head_outputs, buffers)
+
+
+def _check_filters(top_k: int, top_p: float) -> None:
+    if not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 turns it off), got {top_k!r}.")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1.0 turns it off), got {top_p!r}.")
+
+
+def _check_arguments(batch_size: int, max_decode_len: int, top_k: int, top_p: float,
+                     chunk_size: int | None, temperature: float | Array) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if max_decode_len < 1:
+        raise ValueError(f"max_decode_len must be >= 1, got {max_decode_len}.")
+    _check_filters(top_k, top_p)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, or None for no early exit; got {chunk_size}.")
+    if jnp.shape(temperature) not in ((), (batch_size,)):
+        raise ValueError(f"temperature must be a scalar or have shape [batch_size] = "
+                         f"({batch_size},), got shape {jnp.shape(temperature)}.")
+    if not isinstance(temperature, jax.core.Tracer):
+        value = np.asarray(temperature, np.float32)
+        if not np.all(value >= 0.0):  # also catches NaN
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+
+
+def _check_step_shapes(logits: Array, aux: dict[str, Array], batch_size: int) -> None:
+    """Checks what tokens_to_logits returned (shapes are static, so at trace time)."""
+    if logits.ndim != 2 or logits.shape[0] != batch_size:
+        raise ValueError(f"tokens_to_logits must return logits [batch_size={batch_size}, "
+                         f"vocab], got shape {logits.shape}.")
+    for name, value in aux.items():
+        if value.shape != logits.shape:
+            raise ValueError(f"aux log-probs {name!r} must have the logits' shape "
+                             f"{logits.shape}, got {value.shape}.")

@@ -1,7 +1,10 @@
 """Checkpoint import against real T5X-written files, orbax round trips, bad input."""
 
+import dataclasses
 import json
 import pathlib
+
+import gzip
 
 import flax.serialization
 import flax.traverse_util
@@ -9,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import tensorstore as ts
 
 from dera_t5x import checkpoints
@@ -31,12 +35,10 @@ def fixtures():
 
 
 def _to_hf_state_dict(params, config):
-    """Our T5X-named tree as a transformers state dict, mapped by hand."""
-    import torch
-
+    """Our T5X-named (gated, untied) tree as a transformers state dict of numpy arrays."""
     flat = flax.traverse_util.flatten_dict(params, sep="/")
-    t = lambda name: torch.tensor(np.asarray(flat[name]).T.copy())
-    same = lambda name: torch.tensor(np.asarray(flat[name]).copy())
+    t = lambda name: np.ascontiguousarray(np.asarray(flat[name], np.float32).T)
+    same = lambda name: np.asarray(flat[name], np.float32).copy()
     state = {"shared.weight": same("token_embedder/embedding"),
              "lm_head.weight": t("decoder/logits_dense/kernel"),
              "encoder.final_layer_norm.weight": same("encoder/encoder_norm/scale"),
@@ -77,7 +79,8 @@ def test_real_t5x_checkpoint_matches_pytorch(fixtures, tmp_path):
         num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
         dropout_rate=0.0, decoder_start_token_id=0)
     # Through files, so that transformers keeps lm_head untied from the embedding.
-    save_file(_to_hf_state_dict(params, TINY_T5X), str(tmp_path / "model.safetensors"))
+    state = {k: torch.from_numpy(v) for k, v in _to_hf_state_dict(params, TINY_T5X).items()}
+    save_file(state, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps(dict(hf_config.to_dict(),
                                                           tie_word_embeddings=False)))
     hf_model = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
@@ -94,11 +97,37 @@ def test_real_t5x_checkpoint_matches_pytorch(fixtures, tmp_path):
 
 
 def test_tensorstore_fixture_reads(fixtures):
-    tree = checkpoints.read_t5x_msgpack_tree(fixtures / "tiny_t5" / "checkpoint_1")
-    states = tree["optimizer"]["state"]["param_states"]
-    assert states["kernel"].shape == (10, 5) and states["kernel"].dtype == np.float64
-    assert states["bias"].shape == (5,)
-    assert np.all(np.isfinite(states["kernel"])) and np.any(states["kernel"] != 0)
+    folder = fixtures / "tiny_t5" / "checkpoint_1"
+    for path in (folder, folder / "checkpoint"):
+        tree = checkpoints.read_t5x_msgpack_tree(path)
+        states = tree["optimizer"]["state"]["param_states"]
+        assert states["kernel"].shape == (10, 5) and states["kernel"].dtype == np.float64
+        # Independently: the single zarr chunk is gzip'd little-endian C-order float64.
+        chunk = gzip.decompress((folder / "state.param_states.kernel" / "0.0").read_bytes())
+        np.testing.assert_array_equal(states["kernel"],
+                                      np.frombuffer(chunk, "<f8").reshape(10, 5))
+        np.testing.assert_array_equal(states["bias"], np.ones(5, np.float32))
+        assert int(states["step"]) == 1 and int(tree["optimizer"]["state"]["step"]) == 1
+
+
+def test_orbax_era_t5x_layout(fixtures, tmp_path):
+    # The fixture's zarr folders carry no metadata: a clear refusal.
+    with pytest.raises(NotImplementedError, match=r"param_states\.bias .*no zarr metadata"):
+        checkpoints.read_t5x_msgpack_tree(fixtures / "tiny_orbax" / "1")
+    # The same layout with .zarray files beside the chunks reads.
+    directory = tmp_path / "1"
+    directory.mkdir()
+    want = {"kernel": np.arange(6.0).reshape(2, 3), "bias": np.ones(3, np.float32)}
+    for name, value in want.items():
+        ts.open({"driver": "zarr", "kvstore": {"driver": "file",
+                                               "path": str(directory / f"_optimizer.{name}")},
+                 "metadata": {"shape": list(value.shape), "chunks": list(value.shape),
+                              "dtype": value.dtype.str}},
+                create=True).result().write(value).result()
+    (directory / "checkpoint").write_bytes(flax.serialization.msgpack_serialize(
+        {"_optimizer": {"target": {k: f"PLACEHOLDER://_optimizer.{k}" for k in want}}}))
+    tree = checkpoints.read_t5x_msgpack_tree(directory)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, tree["_optimizer"]["target"], want)
 
 
 def _write_t5x(directory: pathlib.Path, params) -> None:
@@ -128,9 +157,56 @@ def test_written_t5x_checkpoint_and_orbax_round_trip(tmp_path):
     for spec in (tmp_path / "checkpoint_7", tmp_path / "checkpoint_7" / "checkpoint"):
         loaded = checkpoints.load_params(str(spec), config)
         jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+    # Orbax: exact, and saving over an existing checkpoint replaces it.
+    checkpoints.save_params(tmp_path / "ours", jax.tree_util.tree_map(jnp.zeros_like, params))
     checkpoints.save_params(tmp_path / "ours", params)
     restored = checkpoints.load_params(str(tmp_path / "ours"), config)
     jax.tree_util.tree_map(np.testing.assert_array_equal, restored, params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal,
+                           checkpoints.restore_params(tmp_path / "ours"), params)
+
+
+def _write_hf_dir(directory: pathlib.Path, params, config, *, shards: int = 1) -> dict:
+    """config.json + (sharded) safetensors for a gated, untied config; returns the tensors."""
+    directory.mkdir(parents=True)
+    state = _to_hf_state_dict(params, config)
+    (directory / "config.json").write_text(json.dumps({
+        "model_type": "t5", "vocab_size": config.vocab_size, "d_model": config.emb_dim,
+        "d_kv": config.head_dim, "d_ff": config.mlp_dim, "num_heads": config.num_heads,
+        "num_layers": config.num_encoder_layers,
+        "num_decoder_layers": config.num_decoder_layers, "feed_forward_proj": "gated-gelu",
+        "tie_word_embeddings": False,
+        "relative_attention_num_buckets": config.relative_attention_num_buckets,
+        "relative_attention_max_distance": config.relative_attention_max_distance}))
+    if shards == 1:
+        safetensors.numpy.save_file(state, str(directory / "model.safetensors"))
+        return state
+    names = sorted(state)
+    weight_map = {}
+    for shard in range(shards):
+        file = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: state[n] for n in names[shard::shards]}
+        safetensors.numpy.save_file(part, str(directory / file))
+        weight_map.update({n: file for n in part})
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return state
+
+
+def test_hf_directories_load_and_are_checked_against_the_config(tmp_path):
+    config = dataclasses.replace(TINY_T5X, vocab_size=40, num_encoder_layers=3)
+    params = models.EncoderDecoderModel(config).init(jax.random.PRNGKey(1))
+    _write_hf_dir(tmp_path / "single", params, config)
+    _write_hf_dir(tmp_path / "sharded", params, config, shards=3)
+    for name in ("single", "sharded"):
+        loaded_config, loaded = checkpoints.load_hf_t5(tmp_path / name)
+        assert loaded_config == dataclasses.replace(config, dropout_rate=0.1)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+        jax.tree_util.tree_map(np.testing.assert_array_equal,
+                               checkpoints.load_params(str(tmp_path / name), config), params)
+    other = dataclasses.replace(config, num_heads=2, head_dim=6, mlp_activations=("relu",))
+    with pytest.raises(ValueError, match=r"num_heads=4 \(config 2\).*head_dim=3 \(config 6\)"):
+        checkpoints.load_params(str(tmp_path / "single"), other)
 
 
 def test_bad_input(tmp_path):
@@ -154,5 +230,31 @@ def test_bad_input(tmp_path):
     params = models.EncoderDecoderModel(config).init(jax.random.PRNGKey(0))
     params["encoder"]["layers_0"]["mlp"]["wo"]["kernel"] = jnp.zeros((21, 12))
     _write_t5x(tmp_path / "bad", params)
-    with pytest.raises(ValueError, match=r"encoder/layers_0/mlp/wo/kernel has shape \(21, 12\)"):
+    with pytest.raises(ValueError, match=r"encoder/layers_0/mlp/wo/kernel has shape \(21, 12\)"
+                                         r" but the model config expects \(20, 12\)"):
         checkpoints.load_t5x_checkpoint(tmp_path / "bad", config)
+    with pytest.raises(FileNotFoundError, match="No T5X checkpoint file"):
+        checkpoints.load_t5x_checkpoint(tmp_path / "nowhere", config)
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        checkpoints.restore_params(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        checkpoints.load_hf_t5(tmp_path / "nowhere")
+
+
+def test_bad_hugging_face_tensors_are_named(tmp_path):
+    params = models.EncoderDecoderModel(TINY_T5X).init(jax.random.PRNGKey(0))
+    state = _write_hf_dir(tmp_path / "hf", params, TINY_T5X)
+    name = "decoder.block.1.layer.1.EncDecAttention.k.weight"
+    safetensors.numpy.save_file(dict(state, **{name: np.zeros((12, 9), np.float32)}),
+                                str(tmp_path / "hf" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"EncDecAttention\.k\.weight has shape \(12, 9\), "
+                                         r"so parameter decoder/layers_1/"
+                                         r"encoder_decoder_attention/key/kernel has shape "
+                                         r"\(9, 12\) but .* expects \(8, 12\)"):
+        checkpoints.load_hf_t5(tmp_path / "hf")
+    del state["encoder.block.1.layer.1.DenseReluDense.wi_1.weight"]
+    safetensors.numpy.save_file(state, str(tmp_path / "hf" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"encoder\.block\.1\.layer\.1\.DenseReluDense\.wi_1"
+                                         r"\.weight \(for encoder/layers_1/mlp/wi_1/kernel\) "
+                                         "is missing"):
+        checkpoints.load_hf_t5(tmp_path / "hf")
