@@ -100,22 +100,24 @@ def _init_caches(model, params_ref, params_aligned, encoder_input_tokens, max_de
                                                max_decode_len)}
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_decode_len", "top_k", "top_p"))
+@functools.partial(jax.jit, static_argnames=("config", "max_decode_len", "top_k", "top_p",
+                                             "chunk_size"))
 def _decode(config, params_ref, params_aligned, encoder_input_tokens, lam, rng, temperature,
-            *, max_decode_len, top_k, top_p):
+            *, max_decode_len, top_k, top_p, chunk_size):
     model = models.EncoderDecoderModel(config)
     cache = _init_caches(model, params_ref, params_aligned, encoder_input_tokens, max_decode_len)
     out = decoding.sample(
         tokens_to_logits(model, params_ref, params_aligned, lam), cache, rng,
         batch_size=encoder_input_tokens.shape[0], max_decode_len=max_decode_len,
         eos_id=models.EOS_ID, start_id=models.DECODER_START_ID, temperature=temperature,
-        top_k=top_k, top_p=top_p)
+        top_k=top_k, top_p=top_p, chunk_size=chunk_size)
     return _as_output(out)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_decode_len", "top_k", "top_p"))
+@functools.partial(jax.jit, static_argnames=("config", "max_decode_len", "top_k", "top_p",
+                                             "chunk_size"))
 def _sweep(config, params_ref, params_aligned, encoder_input_tokens, lambdas, rng, temperature,
-           *, max_decode_len, top_k, top_p):
+           *, max_decode_len, top_k, top_p, chunk_size):
     model = models.EncoderDecoderModel(config)
     # Encoder passes and cross-attention keys / values: once per parameter set.
     cache = _init_caches(model, params_ref, params_aligned, encoder_input_tokens, max_decode_len)
@@ -127,7 +129,7 @@ def _sweep(config, params_ref, params_aligned, encoder_input_tokens, lambdas, rn
             tokens_to_logits(model, params_ref, params_aligned, lam), cache, rng,
             batch_size=batch, max_decode_len=max_decode_len, eos_id=models.EOS_ID,
             start_id=models.DECODER_START_ID, temperature=temperature, top_k=top_k,
-            top_p=top_p)
+            top_p=top_p, chunk_size=chunk_size)
         return _as_output(out)
 
     # The shared cache enters unbatched: only the growing self-attention K/V
@@ -183,7 +185,7 @@ def _check_lambda(lam, shape: tuple[int, ...], what: str) -> Array:
 def dera_decode(model: models.EncoderDecoderModel, params_ref: Params, params_aligned: Params,
                 encoder_input_tokens: Array, lam: Array | float, *, max_decode_len: int,
                 rng: Array, temperature: float | Array = 1.0, top_k: int = 0,
-                top_p: float = 1.0) -> DeraOutput:
+                top_p: float = 1.0, chunk_size: int | None = None) -> DeraOutput:
     """DeRa sampling with a per-example lambda, in one compiled call.
 
     Args:
@@ -193,19 +195,22 @@ def dera_decode(model: models.EncoderDecoderModel, params_ref: Params, params_al
       encoder_input_tokens: [batch, enc_len] int32, 0 is padding.
       lam: [batch] float (a scalar is broadcast); finite.
       temperature: scalar or [batch]; 0 is greedy.
+      chunk_size: None decodes all steps; an int stops between chunks of that
+        many steps once every row has ended (identical results, see
+        `decoding.sample`).
     """
     tokens = _check_tokens(encoder_input_tokens)
     lam = _check_lambda(lam, (tokens.shape[0],), "lam")
     check_compatible(model.config, params_ref, params_aligned)
     return _decode(model.config, params_ref, params_aligned, tokens, lam, rng,
                    jnp.asarray(temperature, jnp.float32), max_decode_len=max_decode_len,
-                   top_k=top_k, top_p=top_p)
+                   top_k=top_k, top_p=top_p, chunk_size=chunk_size)
 
 
 def dera_sweep(model: models.EncoderDecoderModel, params_ref: Params, params_aligned: Params,
                encoder_input_tokens: Array, lambdas: Array, *, max_decode_len: int, rng: Array,
                temperature: float | Array = 1.0, top_k: int = 0,
-               top_p: float = 1.0) -> DeraOutput:
+               top_p: float = 1.0, chunk_size: int | None = None) -> DeraOutput:
     """DeRa for K lambda values in one compiled call; outputs get a leading [K] axis.
 
     Each input is encoded once per parameter set and its cross-attention keys /
@@ -223,7 +228,7 @@ def dera_sweep(model: models.EncoderDecoderModel, params_ref: Params, params_ali
     check_compatible(model.config, params_ref, params_aligned)
     return _sweep(model.config, params_ref, params_aligned, tokens, lambdas, rng,
                   jnp.asarray(temperature, jnp.float32), max_decode_len=max_decode_len,
-                  top_k=top_k, top_p=top_p)
+                  top_k=top_k, top_p=top_p, chunk_size=chunk_size)
 
 
 def geometric_mixture(log_probs_ref: Array, log_probs_aligned: Array, lam: float) -> Array:
