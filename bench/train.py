@@ -7,9 +7,10 @@ safetensors and read with `checkpoints.load_hf_t5`) on the same random batch:
 teacher-forced cross-entropy, backward pass and an AdamW update (lr 1e-4, no
 weight decay, no dropout), one process. The first step of each is checked to
 give the same loss. Reported: tokens/s (inputs + targets per step / median
-step time over --reps steps, warm-up and compilation excluded), our speedup,
-and our model FLOPs utilization: the FLOPs XLA counts for the step divided by
-a matmul peak measured in the same run (a large `jnp.dot`). Prints one line
+step time over --reps steps, the two sides timed in turns, warm-up and
+compilation excluded), our speedup, and our model FLOPs utilization: the
+FLOPs XLA counts for the step divided by a matmul peak measured in the same
+run (a large `jnp.dot`). Prints one line
 per shape, then one JSON line of all figures. Not a test: timings are noisy.
 
 It also splits one RL step (REINFORCE, batch prompts, `--targets` sampled
@@ -62,6 +63,21 @@ def _median_step_time(step, reps: int, warmup: int = 2) -> float:
         step()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _interleaved_median_times(steps, reps: int, warmup: int = 2) -> list[float]:
+    """Median seconds of each step, timed in turns (A B A B ...) so that load
+    changes on a shared machine hit every side alike."""
+    for step in steps:
+        for _ in range(warmup):
+            step()
+    times = [[] for _ in steps]
+    for _ in range(reps):
+        for step, record in zip(steps, times):
+            start = time.perf_counter()
+            step()
+            record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]
 
 
 def matmul_peak_flops(dtype: str, n: int = 2048, reps: int = 5) -> float:
@@ -151,8 +167,7 @@ def bench_shape(shape: str, batch_size: int, inputs: int, targets: int, reps: in
         return float(loss.detach())
 
     peer_first_loss = peer_step()
-    t_ours = _median_step_time(ours_step, reps)
-    t_peer = _median_step_time(peer_step, reps)
+    t_ours, t_peer = _interleaved_median_times((ours_step, peer_step), reps)
     return {"ours_tokens_per_s": tokens / t_ours, "torch_tokens_per_s": tokens / t_peer,
             "speedup_vs_torch": t_peer / t_ours, "ours_step_s": t_ours, "torch_step_s": t_peer,
             "step_flops": flops, "first_loss_ours": ours_first_loss,

@@ -4,17 +4,22 @@
 (repeatable) becomes the binding `NAME = VALUE`, applied after the files,
 e.g. `--gin.TRAIN_STEPS=100` or `--gin.sft.train_sft.batch_size=8`. Gin file
 paths are looked up as given, then relative to the repository root.
+
+`run(main)` parses them, then starts multi-host JAX when the gin config says
+so (`partitioning.initialize_distributed.enabled = True`), then calls main.
 """
 
 from __future__ import annotations
 
 import pathlib
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import app
 from absl import logging
 import gin
+
+from dera_t5x import partitioning
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -50,30 +55,24 @@ def parse(files: Sequence[str], bindings: Sequence[str]) -> None:
     gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
 
 
-def parse_flags_and_gin(argv: Sequence[str]) -> list[str]:
-    """Parses the gin flags of a command line; returns the other args (for absl).
-
-    absl cannot define dotted flags, so `--gin.NAME=VALUE` is taken out of
-    argv before absl sees it.
-    """
-    files, bindings, rest = split_gin_args(argv)
-    parse(files, bindings)
-    return rest
-
-
 def run(main: Callable[[Sequence[str]], None]) -> None:
-    """`absl.app.run(main)` after taking the gin flags out of sys.argv."""
+    """`absl.app.run(main)` after taking the gin flags out of sys.argv.
+
+    absl cannot define dotted flags, so `--gin.NAME=VALUE` and `--gin_file`
+    are taken out of argv before absl parses the rest.
+    """
     files, bindings, rest = split_gin_args(sys.argv)
 
     def main_with_gin(argv: Sequence[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes
         parse(files, bindings)
+        partitioning.initialize_distributed()
         main(argv)
 
     app.run(main_with_gin, argv=rest)
 
 
-def model_config():
+def model_config() -> Any:
     """The `network.T5Config` bound to the `MODEL_CONFIG` macro of the gin files."""
     try:
         reference = gin.query_parameter("%MODEL_CONFIG")

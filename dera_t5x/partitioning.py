@@ -12,10 +12,12 @@ one CPU, 8 simulated devices or a TPU pod. Optimizer-state leaves that mirror
 a parameter (same path suffix, same shape) follow its sharding; others (e.g.
 Adafactor's factored moments) are replicated.
 
-Multi-host: pass `initialize_distributed=True` (calls
-`jax.distributed.initialize()`); every host builds the same global batch
-(the data pipeline is deterministic) and `shard_batch` hands JAX only the
-rows its devices hold (`jax.make_array_from_process_local_data`).
+Multi-host: bind `partitioning.initialize_distributed.enabled = True` in gin
+(the entry points call it before JAX starts its backends; the cluster is
+auto-detected on TPU / SLURM / Open MPI, or give `coordinator_address`,
+`num_processes`, `process_id`). Every host builds the same global batch (the
+data pipeline is deterministic) and `shard_batch` hands JAX only the rows its
+devices hold (`jax.make_array_from_process_local_data`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, Sequence
 
+import gin
 import jax
 import numpy as np
 from jax.sharding import Mesh
@@ -51,6 +54,19 @@ PARAM_AXES: tuple[tuple[str, tuple[str, str]], ...] = (
     (r"token_embedder/embedding$", ("vocab", "embed")),
     (r"logits_dense/kernel$", ("embed", "vocab")),
 )
+
+
+@gin.configurable
+def initialize_distributed(enabled: bool = False, coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """`jax.distributed.initialize(...)` once, when enabled (multi-host jobs).
+
+    Must run before anything touches a JAX device. The arguments left None
+    are auto-detected from the cluster environment.
+    """
+    if enabled and not jax.distributed.is_initialized():
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
 def logical_to_mesh_axes(logical: Sequence[str | None]) -> tuple[str | None, ...]:
@@ -84,15 +100,14 @@ class Partitioner:
 
     Args:
       mesh_shape: (data, model) with data * model == number of devices; None
-        puts every device on 'data' (pure data parallelism).
-      initialize_distributed: call `jax.distributed.initialize()` first
-        (multi-host TPU / GPU jobs; the cluster is auto-detected).
+        puts every device on 'data' (pure data parallelism). Multi-host
+        jobs call `initialize_distributed` before building one.
+
+    Raises:
+      ValueError: a mesh shape that is not 2-D or does not use every device.
     """
 
-    def __init__(self, mesh_shape: Sequence[int] | None = None, *,
-                 initialize_distributed: bool = False):
-        if initialize_distributed:
-            jax.distributed.initialize()
+    def __init__(self, mesh_shape: Sequence[int] | None = None):
         devices = jax.devices()
         if mesh_shape is None:
             mesh_shape = (len(devices), 1)
@@ -164,6 +179,9 @@ class Partitioner:
         return jax.device_put(state, self.state_shardings(state))
 
     def batch_sharding(self, ndim: int = 2) -> NamedSharding:
+        """Rows over 'data' for an array [batch, ...] of `ndim` dims; scalars replicated."""
+        if ndim == 0:
+            return self.replicated()
         return NamedSharding(self.mesh, PartitionSpec(DATA_AXIS, *([None] * (ndim - 1))))
 
     def check_batch_size(self, batch_size: int) -> None:
@@ -177,16 +195,34 @@ class Partitioner:
         """Global arrays sharded over 'data' from the same global batch on every host.
 
         Args:
-          batch: name -> array [batch, ...], identical on every process.
+          batch: name -> array [batch, ...] (scalars are replicated), identical
+            on every process.
+
+        Raises:
+          ValueError: the batch size does not divide over 'data'.
         """
         result = {}
         for name, value in batch.items():
             value = np.asarray(value)
+            if value.ndim == 0:
+                result[name] = jax.device_put(value, self.replicated())
+                continue
             self.check_batch_size(value.shape[0])
             sharding = self.batch_sharding(value.ndim)
-            indices = sharding.addressable_devices_indices_map(value.shape).values()
-            rows = [index[0].indices(value.shape[0])[:2] for index in indices]
-            start, stop = min(r[0] for r in rows), max(r[1] for r in rows)
+            start, stop = _local_rows(sharding, value.shape)
             result[name] = jax.make_array_from_process_local_data(
                 sharding, value[start:stop], value.shape)
         return result
+
+
+def _local_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> tuple[int, int]:
+    """The rows [start, stop) of a [batch, ...] array that this process's devices hold."""
+    rows = sorted({index[0].indices(shape[0])[:2]
+                   for index in sharding.addressable_devices_indices_map(shape).values()})
+    stop = rows[0][0]
+    for row_start, row_stop in rows:
+        if row_start > stop:
+            raise ValueError(f"this process's devices hold non-adjacent batch rows {rows}; "
+                             f"order the mesh devices so each host's are adjacent on 'data'.")
+        stop = max(stop, row_stop)
+    return rows[0][0], stop

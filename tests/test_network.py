@@ -9,6 +9,7 @@ import pytest
 
 from dera_t5x import checkpoints
 from dera_t5x import models
+from dera_t5x import network
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -24,31 +25,35 @@ VARIANTS = {
     "t5.1.0": dict(COMMON, feed_forward_proj="relu", tie_word_embeddings=True),
     "t5.1.1": dict(COMMON, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
 }
+EMBED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
 
-def _write_hf(directory, variant, *, with_lm_head=True, seed=0):
-    """A random transformers T5 saved as config.json + model.safetensors."""
+def _write_hf(directory, variant, *, with_lm_head=True, seed=0, drop=EMBED_COPIES, **overrides):
+    """A random transformers T5 saved as config.json + model.safetensors, laid
+    out as the public checkpoints are (T5.1.1: lm_head untied, config
+    tie_word_embeddings false). Returns the PyTorch model."""
     torch.manual_seed(seed)
-    config = transformers.T5Config(**VARIANTS[variant])
+    kwargs = dict(VARIANTS[variant], **overrides)
+    config = transformers.T5Config(**kwargs)
     hf_model = transformers.T5ForConditionalGeneration(config).eval()
-    tied = VARIANTS[variant]["tie_word_embeddings"]
+    tied = kwargs["tie_word_embeddings"]
     if not tied:
-        # transformers 5 ties lm_head for configs; untie as the public v1.1 checkpoints are.
+        # transformers 5 ties lm_head to the embedding for every config (an untied
+        # config only turns off output scaling); untie it as T5.1.1 checkpoints are.
         with torch.no_grad():
             hf_model.lm_head.weight = torch.nn.Parameter(
                 torch.randn_like(hf_model.shared.weight))
     directory.mkdir(parents=True)
-    skip = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
     state = {k: v.detach().clone().contiguous() for k, v in hf_model.state_dict().items()
-             if not k.endswith(skip) and (with_lm_head or k != "lm_head.weight")}
+             if k not in drop and (with_lm_head or k != "lm_head.weight")}
     save_file(state, str(directory / "model.safetensors"))
-    config_dict = config.to_dict()
-    config_dict["tie_word_embeddings"] = tied
-    (directory / "config.json").write_text(json.dumps(config_dict))
+    (directory / "config.json").write_text(json.dumps(dict(config.to_dict(),
+                                                           tie_word_embeddings=tied)))
     return hf_model
 
 
 def _padded_batch():
+    """Inputs [3, 26] and targets [3, 24] with padding of different lengths."""
     rng = np.random.default_rng(0)
     inputs = rng.integers(2, COMMON["vocab_size"], size=(3, 26))
     inputs[1, 17:] = 0
@@ -61,11 +66,33 @@ def _padded_batch():
     return inputs, targets
 
 
+def _torch_logits(hf_model, inputs, decoder_inputs):
+    with torch.no_grad():
+        return hf_model(input_ids=torch.tensor(inputs), attention_mask=torch.tensor(inputs > 0),
+                        decoder_input_ids=torch.tensor(np.asarray(decoder_inputs))).logits.numpy()
+
+
+@pytest.mark.parametrize("bidirectional,num_buckets,max_distance",
+                         [(True, 8, 20), (False, 8, 20), (True, 32, 128), (False, 32, 128),
+                          (True, 12, 50), (False, 6, 7)])
+def test_relative_position_buckets_match_pytorch(bidirectional, num_buckets, max_distance):
+    # Offsets far past max_distance, including the exact log-bucket boundaries.
+    offsets = np.arange(-400, 401)
+    want = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket(
+        torch.tensor(offsets), bidirectional=bidirectional, num_buckets=num_buckets,
+        max_distance=max_distance).numpy()
+    got = network.relative_position_bucket(jnp.asarray(offsets), bidirectional, num_buckets,
+                                           max_distance)
+    np.testing.assert_array_equal(got, want)
+    assert len(np.unique(want)) >= num_buckets - 1  # the log-spaced buckets are all hit
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_token_log_probs_match_pytorch(tmp_path, variant):
     hf_model = _write_hf(tmp_path / "hf", variant)
     config, params = checkpoints.load_hf_t5(tmp_path / "hf")
     assert config.logits_via_embedding == VARIANTS[variant]["tie_word_embeddings"]
+    assert ("logits_dense" in params["decoder"]) != config.logits_via_embedding
     model = models.EncoderDecoderModel(config)
     inputs, targets = _padded_batch()
     with torch.no_grad():
@@ -73,7 +100,7 @@ def test_token_log_probs_match_pytorch(tmp_path, variant):
                           labels=torch.tensor(np.where(targets > 0, targets, -100))).logits
         want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(targets)[..., None])[..., 0]
     want = np.where(targets > 0, want.numpy(), 0.0)
-    got = np.asarray(model.token_log_probs(params, jnp.asarray(inputs), jnp.asarray(targets)))
+    got = np.asarray(jax.jit(model.token_log_probs)(params, inputs, targets))
     np.testing.assert_allclose(got, want, atol=1e-4)
     assert np.abs(want).max() > 1.0  # a real comparison, not of zeros
 
@@ -107,20 +134,51 @@ def test_cached_decoding_equals_the_full_sequence(tmp_path, variant):
     model = models.EncoderDecoderModel(config)
     inputs, targets = _padded_batch()
     decoder_inputs = models.shift_right(jnp.asarray(targets))
-    full = model.logits(params, jnp.asarray(inputs), decoder_inputs)
-    cache = model.init_decode_cache(params, jnp.asarray(inputs), targets.shape[1])
+    full = jax.jit(model.logits)(params, inputs, decoder_inputs)
+    # A cache longer than the sequence: unused positions must stay masked.
+    cache = model.init_decode_cache(params, jnp.asarray(inputs), targets.shape[1] + 5)
+    step = jax.jit(model.decode_step)
     for t in range(targets.shape[1]):
-        step_logits, cache = model.decode_step(params, cache, decoder_inputs[:, t])
+        step_logits, cache = step(params, cache, decoder_inputs[:, t])
         np.testing.assert_allclose(step_logits, full[:, t], atol=1e-5)
+    assert int(cache["index"]) == targets.shape[1]
+
+
+@pytest.mark.parametrize("projection", ["gelu", "gated-silu"])
+def test_other_feed_forward_projections_match_pytorch(tmp_path, projection):
+    # Hugging Face's plain "gelu" is the exact erf GELU, unlike "gated-gelu".
+    hf_model = _write_hf(tmp_path / "hf", "t5.1.1", feed_forward_proj=projection)
+    config, params = checkpoints.load_hf_t5(tmp_path / "hf")
+    assert config.mlp_activations == {"gelu": ("gelu_exact",),
+                                      "gated-silu": ("silu", "linear")}[projection]
+    inputs, targets = _padded_batch()
+    decoder_inputs = models.shift_right(jnp.asarray(targets))
+    got = jax.jit(models.EncoderDecoderModel(config).logits)(params, inputs, decoder_inputs)
+    np.testing.assert_allclose(got, _torch_logits(hf_model, inputs, decoder_inputs), atol=1e-4)
 
 
 def test_checkpoints_with_and_without_lm_head_load(tmp_path):
+    # T5.1.0: lm_head is the embedding; with it, without it, or with only the
+    # encoder / decoder copies of the embedding (no shared.weight), all alike.
     _write_hf(tmp_path / "tied", "t5.1.0", with_lm_head=False)
     _write_hf(tmp_path / "tied_with_head", "t5.1.0", with_lm_head=True)
+    _write_hf(tmp_path / "tied_copies", "t5.1.0", drop=("shared.weight",))
     a = checkpoints.load_hf_t5(tmp_path / "tied")[1]
-    b = checkpoints.load_hf_t5(tmp_path / "tied_with_head")[1]
-    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+    for other in ("tied_with_head", "tied_copies"):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, a,
+                               checkpoints.load_hf_t5(tmp_path / other)[1])
     assert "logits_dense" not in a["decoder"]
-    _write_hf(tmp_path / "untied_no_head", "t5.1.1", with_lm_head=False)
-    with pytest.raises(ValueError, match="lm_head.weight"):
-        checkpoints.load_hf_t5(tmp_path / "untied_no_head")
+    # T5.1.1 without lm_head.weight: transformers 5 uses the embedding there
+    # (unscaled); so do we, through logits_dense.
+    hf_model = _write_hf(tmp_path / "untied_no_head", "t5.1.1", with_lm_head=False)
+    config, params = checkpoints.load_hf_t5(tmp_path / "untied_no_head")
+    assert not config.logits_via_embedding
+    np.testing.assert_array_equal(params["decoder"]["logits_dense"]["kernel"],
+                                  params["token_embedder"]["embedding"].T)
+    del hf_model
+    reloaded = transformers.T5ForConditionalGeneration.from_pretrained(
+        tmp_path / "untied_no_head").eval()
+    inputs, targets = _padded_batch()
+    decoder_inputs = models.shift_right(jnp.asarray(targets))
+    got = jax.jit(models.EncoderDecoderModel(config).logits)(params, inputs, decoder_inputs)
+    np.testing.assert_allclose(got, _torch_logits(reloaded, inputs, decoder_inputs), atol=1e-4)

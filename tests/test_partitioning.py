@@ -8,7 +8,9 @@ import textwrap
 
 import jax
 import numpy as np
+import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from dera_t5x import partitioning
 
@@ -40,8 +42,38 @@ def test_one_device_and_bad_shapes():
         partitioning.Partitioner((3, 2))
     with pytest.raises(ValueError, match=r"\(data, model\)"):
         partitioning.Partitioner((1,))
-    batch = partitioner.shard_batch({"x": np.arange(6).reshape(3, 2)})
+    batch = partitioner.shard_batch({"x": np.arange(6).reshape(3, 2), "flag": np.asarray(True)})
     np.testing.assert_array_equal(batch["x"], np.arange(6).reshape(3, 2))
+    assert batch["flag"].shape == () and bool(batch["flag"])
+    partitioning.initialize_distributed()  # Off unless configured: a no-op here.
+    assert jax.process_count() == 1
+
+
+def test_optimizer_state_follows_its_parameters():
+    """Adam moments and unfactored Adafactor moments mirror their parameter's
+    sharding; Adafactor's factored row / column moments and counts are replicated."""
+    partitioner = partitioning.Partitioner((1, 1))  # Specs are visible on one device too.
+    params = {"encoder": {"layers_0": {"mlp": {"wi": {"kernel": np.zeros((256, 512), np.float32)}},
+                                       "attention": {"out": {"kernel": np.zeros((64, 32), np.float32)}}}}}
+    wi_spec, out_spec = P(None, "model"), P("model", None)
+    for name, optimizer in (("adamw", optax.adamw(1e-3)), ("adafactor", optax.adafactor(1e-3))):
+        state = optimizer.init(params)
+        shardings = partitioner.tree_shardings(state, params)
+        specs = {"/".join(partitioning._path_names(path)): (np.shape(leaf), sharding.spec)
+                 for (path, leaf), sharding in zip(
+                     jax.tree_util.tree_flatten_with_path(state)[0],
+                     jax.tree_util.tree_leaves(shardings))}
+        for path, (shape, spec) in specs.items():
+            if shape == (256, 512):
+                assert spec == wi_spec, (name, path, spec)
+            elif shape == (64, 32):
+                assert spec == out_spec, (name, path, spec)
+            else:
+                assert spec == P(), (name, path, shape, spec)
+        if name == "adafactor":  # wi is factored (both dims >= 128), out is not.
+            vectors = sorted(shape for shape, _ in specs.values() if len(shape) == 1)
+            assert [shape for shape in vectors if shape != (1,)] == [(256,), (512,)], vectors
+            assert any(shape == (64, 32) for shape, _ in specs.values())
 
 
 _EIGHT_DEVICES = textwrap.dedent("""

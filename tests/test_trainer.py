@@ -1,6 +1,11 @@
-"""The generic trainer: schedules, optimizers, exact resume, NaN handling, outputs."""
+"""The generic trainer: schedules, optimizers, exact resume, NaN handling, outputs;
+the gin flags and the SFT entry point."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import gin
 import jax
@@ -8,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dera_t5x import checkpoints
+from dera_t5x import gin_utils
 from dera_t5x import network
 from dera_t5x.training import sft
 from dera_t5x.training import trainer
@@ -44,6 +51,7 @@ def test_schedules_and_optimizer_names():
     assert float(warm(100)) == pytest.approx(1.0)
     rsqrt = trainer.make_schedule("rsqrt", 1.0, warmup_steps=100)
     assert float(rsqrt(10)) == pytest.approx(1.0) and float(rsqrt(400)) == pytest.approx(0.5)
+    assert float(trainer.make_schedule("linear_warmup", 1.0)(0)) == 1.0  # No warm-up.
     with pytest.raises(ValueError, match="schedule kind"):
         trainer.make_schedule("cosine")
     with pytest.raises(ValueError, match="optimizer name"):
@@ -145,6 +153,7 @@ def test_a_dir_past_num_steps(tmp_path):
                            checkpoint_every=10)
 
 
+@pytest.mark.slow
 def test_sft_reports_rouge_of_greedy_decodes(tmp_path):
     config = network.T5Config(vocab_size=4096, emb_dim=32, num_heads=2, head_dim=16,
                               mlp_dim=64, num_encoder_layers=1, num_decoder_layers=1,
@@ -158,3 +167,37 @@ def test_sft_reports_rouge_of_greedy_decodes(tmp_path):
     final = [line for line in lines if "eval/rouge1" in line]
     assert [line["step"] for line in final] == [2]
     assert 0.0 <= final[0]["eval/rouge1"] <= 100.0 and "eval/loss" in final[0]
+
+
+def test_gin_flags_are_rewritten_to_bindings():
+    files, bindings, rest = gin_utils.split_gin_args([
+        "prog", "--gin_file=a.gin", "--gin_file", "b.gin", "--gin.TRAIN_STEPS=100",
+        "--gin.sft.train_sft.feature_lengths={'inputs': 8, 'targets': 4}", "--model_dir=x"])
+    assert files == ["a.gin", "b.gin"]
+    assert bindings == ["TRAIN_STEPS = 100",
+                        "sft.train_sft.feature_lengths = {'inputs': 8, 'targets': 4}"]
+    assert rest == ["prog", "--model_dir=x"]
+    with pytest.raises(FileNotFoundError, match="no_such.gin"):
+        gin_utils.parse(["gin/runs/no_such.gin"], [])
+
+
+@pytest.mark.slow
+def test_sft_entry_point_with_gin_flags(tmp_path):
+    """`python -m train.sft` end to end: gin files, --gin.X=V overrides, outputs."""
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    flags = ["--gin_file=gin/runs/sft_tiny.gin", f"--model_dir={tmp_path}",
+             "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}",
+             "--gin.network.T5Config.emb_dim=32", "--gin.network.T5Config.mlp_dim=64",
+             "--gin.network.T5Config.num_encoder_layers=1",
+             "--gin.network.T5Config.num_decoder_layers=1",
+             "--gin.sft.train_sft.num_steps=3", "--gin.sft.train_sft.batch_size=4",
+             "--gin.sft.train_sft.eval_split=None"]
+    result = subprocess.run([sys.executable, "-m", "train.sft", *flags], cwd=repo,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = (tmp_path / "config.gin").read_text()
+    assert "num_steps = 3" in config and "emb_dim = 32" in config
+    assert trainer.Checkpointer(tmp_path).all_steps() == [3]
+    params = checkpoints.restore_params(tmp_path / "params")
+    assert params["token_embedder"]["embedding"].shape == (4096, 32)

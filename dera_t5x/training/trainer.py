@@ -63,6 +63,7 @@ class TrainState(flax.struct.PyTreeNode):
     @classmethod
     def create(cls, params: Params, optimizer: optax.GradientTransformation,
                seed: int) -> "TrainState":
+        """Step 0 with `optimizer.init(params)` and `PRNGKey(seed)`."""
         return cls(step=jnp.zeros((), jnp.int32), params=params,
                    opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed))
 
@@ -74,17 +75,25 @@ def make_schedule(kind: str = "constant", learning_rate: float = 1e-3,
 
     Args:
       kind: 'constant'; 'linear_warmup' (0 -> learning_rate over warmup_steps,
-        then constant); or 'rsqrt' (T5X pre-training:
-        learning_rate * sqrt(warmup) / sqrt(max(step, warmup))).
+        then constant; T5X's 'constant * linear_warmup'); or 'rsqrt' (T5X's
+        'constant * rsqrt_decay': constant during the warm-up, then decaying as
+        1 / sqrt(step); normalized here so that learning_rate is the peak:
+        learning_rate * sqrt(warmup) / sqrt(max(step, warmup)), i.e. T5X's
+        base_learning_rate = learning_rate * sqrt(warmup_steps)).
       learning_rate: the base (peak) rate.
-      warmup_steps: warm-up length for 'linear_warmup' and 'rsqrt'.
+      warmup_steps: warm-up length for 'linear_warmup' and 'rsqrt' (0: none).
+
+    Returns:
+      step (int32 []) -> learning rate (float32 []).
     """
     if learning_rate <= 0:
         raise ValueError(f"learning_rate must be > 0, got {learning_rate}.")
-    if kind == "constant":
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}.")
+    if kind == "constant" or (kind == "linear_warmup" and warmup_steps == 0):
         return optax.constant_schedule(learning_rate)
     if kind == "linear_warmup":
-        return optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1))
+        return optax.linear_schedule(0.0, learning_rate, warmup_steps)
     if kind == "rsqrt":
         warmup = max(warmup_steps, 1)
         return lambda step: learning_rate * jnp.sqrt(warmup) * jax.lax.rsqrt(
@@ -99,16 +108,24 @@ def make_optimizer(name: str = "adafactor", schedule: optax.Schedule | None = No
                    ) -> optax.GradientTransformation:
     """Adafactor as T5X fine-tunes T5, or AdamW.
 
-    Adafactor follows T5X's `adafactor.Adafactor` defaults (which
-    `optax.adafactor` shares): factored second moments for dims >= 128, decay
-    rate 0.8, update clipping at RMS 1.0, updates scaled by the parameter's
-    RMS (`multiply_by_parameter_scale`), no momentum, epsilon 1e-30.
+    Adafactor follows T5X's `adafactor.Adafactor` defaults, which
+    `optax.adafactor` shares: second moments factored over the two largest
+    dims when both are >= 128 (`min_dim_size_to_factor`), decay rate 0.8
+    (beta2 = 1 - (step + 1)^-0.8), epsilon 1e-30 on squared gradients,
+    update clipping at block RMS 1.0, updates scaled by the parameter's RMS
+    floored at 1e-3 (`multiply_by_parameter_scale`), no momentum. One
+    difference: optax scales weight decay by the learning rate, T5X does not
+    (T5X's fine-tuning uses none). AdamW is optax's (b1 0.9, b2 0.999,
+    eps 1e-8), decoupled weight decay scaled by the learning rate.
 
     Args:
       name: 'adafactor' or 'adamw'.
       schedule: learning rate schedule (default: constant 1e-3).
-      weight_decay: decoupled weight decay (0 disables it).
+      weight_decay: weight decay rate (0 disables it).
       max_grad_norm: clip gradients to this global norm first (None disables).
+
+    Returns:
+      the optax transformation.
     """
     schedule = schedule if schedule is not None else make_schedule()
     if name == "adafactor":
@@ -128,9 +145,18 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     partitioner: partitioning.Partitioner | None = None) -> TrainStep:
     """A jitted `(state, batch) -> (state, metrics)` that donates the old state.
 
-    With a partitioner, the state keeps the partitioner's shardings (pass it
-    through `partitioner.shard_state` once) and batches are sharded over
-    'data' (`partitioner.shard_batch`); XLA inserts the collectives.
+    Each step splits `state.rng` into the next state's rng and the rng handed
+    to `loss_fn` (dropout), so a step is a pure function of (state, batch).
+
+    Args:
+      loss_fn: `(params, batch, rng) -> (loss [], metrics {name: []})`.
+      optimizer: the optax transformation whose state is `state.opt_state`.
+      partitioner: with one, the state keeps the partitioner's shardings (pass
+        it through `partitioner.shard_state` once) and batches are sharded
+        over 'data' (`partitioner.shard_batch`); XLA inserts the collectives.
+
+    Returns:
+      the step; its metrics are `loss_fn`'s plus `grad_norm`.
     """
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -168,9 +194,11 @@ class Checkpointer:
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
     def latest_step(self) -> int | None:
+        """The newest saved step, or None."""
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
+        """The saved steps, ascending."""
         return sorted(self.manager.all_steps())
 
     def save(self, state: TrainState) -> None:
@@ -193,18 +221,26 @@ class Checkpointer:
 
 
 class MetricsWriter:
-    """Appends metrics to `metrics.jsonl` and TensorBoard event files in model_dir."""
+    """Appends metrics to `metrics.jsonl` and TensorBoard event files in model_dir.
+
+    Only process 0 writes (multi-host jobs share one model_dir).
+    """
 
     def __init__(self, model_dir: str | pathlib.Path):
-        import tensorflow as tf  # Deferred: TensorFlow is slow to import.
-
         self.model_dir = pathlib.Path(model_dir)
-        self.model_dir.mkdir(parents=True, exist_ok=True)
-        self._tf = tf
-        self._writer = tf.summary.create_file_writer(str(self.model_dir / "tensorboard"))
+        self._writer = None
+        if jax.process_index() == 0:
+            import tensorflow as tf  # Deferred: TensorFlow is slow to import.
+
+            self.model_dir.mkdir(parents=True, exist_ok=True)
+            self._tf = tf
+            self._writer = tf.summary.create_file_writer(str(self.model_dir / "tensorboard"))
 
     def write(self, step: int, metrics: Metrics, prefix: str = "train") -> None:
+        """Writes `{prefix}/{name}` scalars of `metrics` at `step`."""
         values = {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
+        if self._writer is None:
+            return
         with open(self.model_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
         with self._writer.as_default(step=step):
@@ -213,7 +249,8 @@ class MetricsWriter:
         self._writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -221,7 +258,12 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def write_gin_config(model_dir: str | pathlib.Path) -> None:
-    """The operative gin config (what the run actually used) as model_dir/config.gin."""
+    """The operative gin config (what the run actually used) as model_dir/config.gin.
+
+    Written by process 0 only.
+    """
+    if jax.process_index() != 0:
+        return
     path = pathlib.Path(model_dir)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.gin").write_text(gin.operative_config_str())
@@ -287,7 +329,7 @@ def train_loop(state: TrainState, train_step: TrainStep,
     write_gin_config(model_dir)
     batches = batches_from(start)
     progress = tqdm.tqdm(total=num_steps, initial=start, desc=description, dynamic_ncols=True,
-                         mininterval=2.0)
+                         mininterval=2.0, disable=jax.process_index() != 0)
     pending: list[tuple[int, Any]] = []  # (step, loss) not yet checked on the host
 
     def check_pending() -> None:
