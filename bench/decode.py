@@ -11,6 +11,13 @@ Both decode greedily for a fixed number of steps from the same random
 weights (loaded from the same safetensors), so they do the same work; the
 script checks the tokens agree. Prints ratios measured side by side in one
 process, then one JSON line with every figure. Not a test: timings are noisy.
+
+It also shows what the loop's early exit (`chunk_size`) buys when outputs
+end before `max_decode_len`: our DeRa step (`realign.tokens_to_logits`) in
+`decoding.sample`, sampled at temperature 1 with the EOS logit set so that
+every step ends a row with probability --eos_prob (geometric lengths, mean
+1 / eos_prob), run for all --exit_steps steps
+and with chunks of --chunk steps (the same tokens, checked).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
@@ -31,6 +39,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from dera_t5x import checkpoints  # noqa: E402
+from dera_t5x import decoding  # noqa: E402
 from dera_t5x import models  # noqa: E402
 from dera_t5x import realign  # noqa: E402
 
@@ -128,6 +137,46 @@ def bench_shape(shape: str, batch: int, in_len: int, steps: int, reps: int) -> d
             "torch_sweep_s": t_peer_sweep, "speedup_sweep": t_peer_sweep / t_sweep}
 
 
+def bench_early_exit(shape: str, batch: int, in_len: int, steps: int, chunk: int,
+                     eos_prob: float, reps: int) -> dict:
+    """Ours without and with early exit, on rows that end before `steps`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (_, ref_path), (_, aligned_path) = _hf_pair(shape, pathlib.Path(tmp))
+        config, params_ref = checkpoints.load_hf_t5(ref_path)
+        _, params_aligned = checkpoints.load_hf_t5(aligned_path)
+    model = models.EncoderDecoderModel(config)
+    inputs = np.random.default_rng(0).integers(2, config.vocab_size, size=(batch, in_len),
+                                                dtype=np.int32)
+    lam = np.full(batch, 0.5, np.float32)
+
+    def decode(chunk_size):
+        def run(params_ref, params_aligned, inputs, lam, rng):
+            mix = realign.tokens_to_logits(model, params_ref, params_aligned, lam)
+
+            def ending(tokens, cache):
+                logits, cache, aux = mix(tokens, cache)
+                others = jax.nn.logsumexp(logits.at[:, models.EOS_ID].set(-jnp.inf), axis=-1)
+                eos = others + np.log(eos_prob / (1.0 - eos_prob))  # P(EOS) = eos_prob
+                return logits.at[:, models.EOS_ID].set(eos), cache, aux
+
+            cache = {name: model.init_decode_cache(p, inputs, steps)
+                     for name, p in (("ref", params_ref), ("aligned", params_aligned))}
+            return decoding.sample(ending, cache, rng, batch_size=batch, max_decode_len=steps,
+                                   eos_id=models.EOS_ID, temperature=1.0,
+                                   chunk_size=chunk_size)
+        compiled = jax.jit(run)
+        args = (params_ref, params_aligned, inputs, lam, jax.random.PRNGKey(0))
+        return lambda: jax.block_until_ready(compiled(*args))
+
+    full, early = decode(None), decode(chunk)
+    full_out, early_out = full(), early()
+    lengths = np.asarray(full_out.lengths)
+    return {"exit_identical": bool(np.array_equal(full_out.tokens, early_out.tokens)),
+            "exit_mean_length": float(lengths.mean()), "exit_max_length": int(lengths.max()),
+            "exit_full_s": _median_time(full, reps), "exit_early_s": _median_time(early, reps),
+            "exit_steps": steps, "exit_chunk": chunk}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="tiny,t5_small")
@@ -135,6 +184,9 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=128)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--exit_steps", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=8)
+    parser.add_argument("--eos_prob", type=float, default=0.08)
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     results = {}
@@ -146,6 +198,14 @@ def main() -> None:
               f"{r['ours_sweep_s']:.3f}s vs {r['torch_sweep_s']:.3f}s "
               f"({r['speedup_sweep']:.2f}x); tokens agree on {100 * r['tokens_agree']:.0f}% "
               "of rows", flush=True)
+        e = bench_early_exit(shape, args.batch, args.inputs, args.exit_steps, args.chunk,
+                             args.eos_prob, args.reps)
+        r.update(e, exit_speedup=e["exit_full_s"] / e["exit_early_s"])
+        print(f"{shape}: early exit, lengths mean {e['exit_mean_length']:.1f} / max "
+              f"{e['exit_max_length']} of {e['exit_steps']} steps: "
+              f"{e['exit_full_s']:.3f}s all steps vs {e['exit_early_s']:.3f}s with chunks of "
+              f"{e['exit_chunk']} ({r['exit_speedup']:.2f}x), tokens identical: "
+              f"{e['exit_identical']}", flush=True)
     print(json.dumps({"device": jax.devices()[0].platform, "batch": args.batch,
                       "inputs": args.inputs, "steps": args.steps, **{
                           f"{s}_{k}": v for s, r in results.items() for k, v in r.items()
