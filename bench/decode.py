@@ -25,49 +25,28 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import transformers
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench import common  # noqa: E402
 from dera_t5x import checkpoints  # noqa: E402
 from dera_t5x import decoding  # noqa: E402
 from dera_t5x import models  # noqa: E402
 from dera_t5x import realign  # noqa: E402
 
-SHAPES = {
-    "tiny": dict(vocab_size=4096, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
-                 feed_forward_proj="gated-gelu", tie_word_embeddings=False),
-    "t5_small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6,
-                     num_heads=8, feed_forward_proj="relu", tie_word_embeddings=True),
-}
 LAMBDAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 def _hf_pair(shape: str, directory: pathlib.Path):
-    models_ = []
-    for seed, name in ((0, "ref"), (1, "aligned")):
-        torch.manual_seed(seed)
-        config = transformers.T5Config(**SHAPES[shape], dropout_rate=0.0,
-                                       decoder_start_token_id=0, pad_token_id=0,
-                                       eos_token_id=1)
-        model = transformers.T5ForConditionalGeneration(config).eval()
-        path = directory / f"{shape}_{name}"
-        path.mkdir()
-        skip = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-        save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()
-                   if not k.endswith(skip)}, str(path / "model.safetensors"))
-        (path / "config.json").write_text(json.dumps(config.to_dict()))
-        models_.append((model, path))
-    return models_
+    """[(reference, its directory), (aligned, its directory)]: two random T5s."""
+    return [(common.random_hf_t5(shape, directory / name, seed).eval(), directory / name)
+            for seed, name in ((0, "ref"), (1, "aligned"))]
 
 
 @torch.no_grad()
@@ -91,16 +70,6 @@ def _torch_dera(ref, aligned, inputs, lam: float, steps: int) -> np.ndarray:
         tokens = mixed.argmax(-1, keepdim=True)
         out.append(tokens)
     return torch.cat(out, 1).numpy()
-
-
-def _median_time(fn, reps: int) -> float:
-    fn()  # warm-up (and compile)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_shape(shape: str, batch: int, in_len: int, steps: int, reps: int) -> dict:
@@ -128,9 +97,8 @@ def bench_shape(shape: str, batch: int, in_len: int, steps: int, reps: int) -> d
     peer = _torch_dera(ref, aligned, inputs, 0.5, steps)
     agree = float(np.mean([np.array_equal(ours[i][ours[i] != 0], peer[i][:np.sum(ours[i] != 0)])
                            for i in range(batch)]))
-    t_ours = _median_time(ours_one, reps)
-    t_peer = _median_time(lambda: _torch_dera(ref, aligned, inputs, 0.5, steps), reps)
-    t_sweep = _median_time(ours_sweep, reps)
+    t_ours, t_peer, t_sweep = common.median_times(
+        (ours_one, lambda: _torch_dera(ref, aligned, inputs, 0.5, steps), ours_sweep), reps)
     t_peer_sweep = t_peer * len(LAMBDAS)  # the peer decodes one lambda per call
     return {"shape": shape, "tokens_agree": agree, "ours_s": t_ours, "torch_s": t_peer,
             "speedup_one_lambda": t_peer / t_ours, "ours_sweep_s": t_sweep,
@@ -171,10 +139,11 @@ def bench_early_exit(shape: str, batch: int, in_len: int, steps: int, chunk: int
     full, early = decode(None), decode(chunk)
     full_out, early_out = full(), early()
     lengths = np.asarray(full_out.lengths)
+    t_full, t_early = common.median_times((full, early), reps)
     return {"exit_identical": bool(np.array_equal(full_out.tokens, early_out.tokens)),
             "exit_mean_length": float(lengths.mean()), "exit_max_length": int(lengths.max()),
-            "exit_full_s": _median_time(full, reps), "exit_early_s": _median_time(early, reps),
-            "exit_steps": steps, "exit_chunk": chunk}
+            "exit_full_s": t_full, "exit_early_s": t_early, "exit_steps": steps,
+            "exit_chunk": chunk}
 
 
 def main() -> None:

@@ -26,58 +26,23 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import statistics
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import transformers
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench import common  # noqa: E402
 from dera_t5x import checkpoints  # noqa: E402
 from dera_t5x import models  # noqa: E402
 from dera_t5x.training import rewards  # noqa: E402
 from dera_t5x.training import rl  # noqa: E402
 from dera_t5x.training import trainer  # noqa: E402
 
-SHAPES = {
-    "tiny": dict(vocab_size=4096, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
-                 feed_forward_proj="gated-gelu", tie_word_embeddings=False),
-    "t5_small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6,
-                     num_heads=8, feed_forward_proj="relu", tie_word_embeddings=True),
-}
 LEARNING_RATE = 1e-4
-
-
-def _median_step_time(step, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _interleaved_median_times(steps, reps: int, warmup: int = 2) -> list[float]:
-    """Median seconds of each step, timed in turns (A B A B ...) so that load
-    changes on a shared machine hit every side alike."""
-    for step in steps:
-        for _ in range(warmup):
-            step()
-    times = [[] for _ in steps]
-    for _ in range(reps):
-        for step, record in zip(steps, times):
-            start = time.perf_counter()
-            step()
-            record.append(time.perf_counter() - start)
-    return [statistics.median(record) for record in times]
 
 
 def matmul_peak_flops(dtype: str, n: int = 2048, reps: int = 5) -> float:
@@ -85,29 +50,8 @@ def matmul_peak_flops(dtype: str, n: int = 2048, reps: int = 5) -> float:
     a = jnp.ones((n, n), dtype)
     b = jnp.ones((n, n), dtype)
     dot = jax.jit(jnp.dot)
-    seconds = _median_step_time(lambda: dot(a, b).block_until_ready(), reps)
+    seconds, = common.median_times([lambda: dot(a, b).block_until_ready()], reps)
     return 2.0 * n ** 3 / seconds
-
-
-def _hf_model(shape: str, directory: pathlib.Path):
-    torch.manual_seed(0)
-    config = transformers.T5Config(**SHAPES[shape], dropout_rate=0.0, decoder_start_token_id=0,
-                                   pad_token_id=0, eos_token_id=1)
-    model = transformers.T5ForConditionalGeneration(config)
-    tied = SHAPES[shape]["tie_word_embeddings"]
-    if not tied:
-        # transformers 5 always ties lm_head to the embedding (an untied config only
-        # turns off output scaling); untie it as T5.1.1 checkpoints are.
-        with torch.no_grad():
-            model.lm_head.weight = torch.nn.Parameter(
-                torch.randn_like(model.shared.weight) * config.d_model ** -0.5)
-    skip = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()
-               if not k.endswith(skip)}, str(directory / "model.safetensors"))
-    # transformers 5 writes tie_word_embeddings=True for every T5; state the truth.
-    (directory / "config.json").write_text(json.dumps(
-        dict(config.to_dict(), tie_word_embeddings=tied)))
-    return model
 
 
 def _batch(vocab_size: int, batch: int, inputs: int, targets: int) -> dict[str, np.ndarray]:
@@ -129,7 +73,7 @@ def _flops(compiled) -> float:
 def bench_shape(shape: str, batch_size: int, inputs: int, targets: int, reps: int, dtype: str,
                 torch_device: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        peer = _hf_model(shape, pathlib.Path(tmp))
+        peer = common.random_hf_t5(shape, pathlib.Path(tmp))
         config, params = checkpoints.load_hf_t5(tmp)
     config = dataclasses.replace(config, dropout_rate=0.0, dtype=dtype)
     model = models.EncoderDecoderModel(config)
@@ -167,7 +111,7 @@ def bench_shape(shape: str, batch_size: int, inputs: int, targets: int, reps: in
         return float(loss.detach())
 
     peer_first_loss = peer_step()
-    t_ours, t_peer = _interleaved_median_times((ours_step, peer_step), reps)
+    t_ours, t_peer = common.median_times((ours_step, peer_step), reps, warmup=2)
     return {"ours_tokens_per_s": tokens / t_ours, "torch_tokens_per_s": tokens / t_peer,
             "speedup_vs_torch": t_peer / t_ours, "ours_step_s": t_ours, "torch_step_s": t_peer,
             "step_flops": flops, "first_loss_ours": ours_first_loss,
@@ -178,7 +122,7 @@ def bench_rl_step(shape: str, batch_size: int, inputs: int, targets: int, reps: 
     """Seconds per RL step split into rollout (sampling `targets` tokens),
     scoring (policy and reference log-probs, values, advantages) and update."""
     with tempfile.TemporaryDirectory() as tmp:
-        _hf_model(shape, pathlib.Path(tmp))
+        common.random_hf_t5(shape, pathlib.Path(tmp))
         config, params = checkpoints.load_hf_t5(pathlib.Path(tmp))
     model = models.EncoderDecoderModel(config)
     rl_config = rl.RLConfig(beta=0.1, max_decode_len=targets)
@@ -205,8 +149,8 @@ def bench_rl_step(shape: str, batch_size: int, inputs: int, targets: int, reps: 
         jax.block_until_ready(metrics)
 
     rollout(), score()
-    times = {name: _median_step_time(fn, reps) for name, fn in
-             (("rollout", rollout), ("scoring", score), ("update", update))}
+    names = ("rollout", "scoring", "update")
+    times = dict(zip(names, common.median_times((rollout, score, update), reps, warmup=2)))
     total = sum(times.values())
     return {f"rl_{k}_s": v for k, v in times.items()} | {
         f"rl_{k}_share": v / total for k, v in times.items()}
@@ -222,9 +166,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--torch_device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    unknown = set(args.shapes.split(",")) - set(SHAPES)
+    unknown = set(args.shapes.split(",")) - set(common.SHAPES)
     if unknown:
-        parser.error(f"unknown shapes {sorted(unknown)}; choose from {sorted(SHAPES)}.")
+        parser.error(f"unknown shapes {sorted(unknown)}; choose from {sorted(common.SHAPES)}.")
     peak = matmul_peak_flops(args.dtype)
     print(f"matmul peak ({args.dtype}, {jax.devices()[0].platform}): {peak / 1e9:.1f} GFLOP/s",
           flush=True)

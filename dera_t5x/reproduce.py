@@ -35,7 +35,6 @@ from typing import Any, Callable, Sequence
 from absl import flags
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dera_t5x import evaluation

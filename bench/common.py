@@ -1,0 +1,66 @@
+"""What the benchmarks share: the model shapes, random Hugging Face T5s that
+both sides load, and median wall-clock times taken in turns."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+import transformers
+from safetensors.torch import save_file
+
+# Hugging Face T5Config fields of the two benchmarked shapes.
+SHAPES = {
+    "tiny": dict(vocab_size=4096, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
+                 feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    "t5_small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6,
+                     num_heads=8, feed_forward_proj="relu", tie_word_embeddings=True),
+}
+
+
+def random_hf_t5(shape: str, directory: pathlib.Path, seed: int = 0
+                 ) -> transformers.T5ForConditionalGeneration:
+    """A random-weight PyTorch T5 of `shape`, also written to `directory` as
+    `config.json` + `model.safetensors` (for `checkpoints.load_hf_t5`)."""
+    torch.manual_seed(seed)
+    config = transformers.T5Config(**SHAPES[shape], dropout_rate=0.0, decoder_start_token_id=0,
+                                   pad_token_id=0, eos_token_id=1)
+    model = transformers.T5ForConditionalGeneration(config)
+    tied = SHAPES[shape]["tie_word_embeddings"]
+    if not tied:
+        # transformers 5 always ties lm_head to the embedding (an untied config only
+        # turns off output scaling); untie it as T5.1.1 checkpoints are.
+        with torch.no_grad():
+            model.lm_head.weight = torch.nn.Parameter(
+                torch.randn_like(model.shared.weight) * config.d_model ** -0.5)
+    directory.mkdir(parents=True, exist_ok=True)
+    skip = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()
+               if not k.endswith(skip)}, str(directory / "model.safetensors"))
+    # transformers 5 writes tie_word_embeddings=True for every T5; state the truth.
+    (directory / "config.json").write_text(json.dumps(
+        dict(config.to_dict(), tie_word_embeddings=tied)))
+    return model
+
+
+def median_times(fns: Sequence[Callable[[], object]], reps: int, warmup: int = 1
+                 ) -> list[float]:
+    """Median seconds of each fn over `reps` calls, after `warmup` calls each.
+
+    The fns are called in turns (A B A B ...), so load changes on a shared
+    machine hit every side alike. Each fn must block until its work is done.
+    """
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, record in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]
