@@ -34,3 +34,16 @@ def test_t5_small_xsum_recipe_builds():
         assert callable(sft.train_sft)
     finally:
         gin.clear_config()
+
+
+def test_t5_small_reward_model_config_builds():
+    gin.clear_config()
+    try:
+        gin_utils.parse(["gin/runs/sft.gin", "gin/runs/reward_model.gin"], [])
+        assert gin_utils.model_config().vocab_size == 32128
+        assert gin.query_parameter("reward_model.train_reward_model.task_name") == (
+            "factual_pairs_t5")
+        assert gin.query_parameter(
+            "reward_model.train_reward_model.optimizer").scoped_configurable_fn()
+    finally:
+        gin.clear_config()
