@@ -102,7 +102,11 @@ def _init_scaled_normal(scale: float):
 
 
 class Dense(nn.Module):
-    """A bias-free dense layer with a 2-D float32 kernel [in, out]."""
+    """A bias-free dense layer with a 2-D float32 kernel [in, out].
+
+    [..., in] -> [..., out] as one 2-D matmul over the flattened leading dims,
+    so that its gradients are plain 2-D matmuls too (no layout copies).
+    """
 
     features: int
     dtype: Any = jnp.float32
@@ -111,7 +115,8 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
-        return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype))
+        return y.reshape(x.shape[:-1] + (self.features,))
 
 
 class RMSNorm(nn.Module):
@@ -148,6 +153,29 @@ def relative_position_bucket(relative_position: Array, bidirectional: bool,
     ).astype(jnp.int32)
     val_if_large = jnp.minimum(val_if_large, num_buckets - 1)
     return ret + jnp.where(is_small, n, val_if_large)
+
+
+@jax.custom_jvp
+def softmax(x: Array) -> Array:
+    """Softmax over the last axis, as `jax.nn.softmax`, differentiated as
+    y * (dx - sum(y * dx)): the backward pass needs only the output y
+    (differentiating through the normalization keeps and broadcasts more)."""
+    unnormalized = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
+    return unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(primals, tangents):
+    (x,), (x_dot,) = primals, tangents
+    y = softmax(x)
+    return y, y * (x_dot - jnp.sum(y * x_dot, axis=-1, keepdims=True))
+
+
+def repeat_over_batch(bias: Array, batch: int) -> Array:
+    """[1, ...] -> [batch, ...], written as a product with ones so that its
+    gradient (the sum over the batch) is a matmul: XLA:CPU sums over a
+    leading axis many times slower."""
+    return jnp.einsum("b,...->b...", jnp.ones((batch,), bias.dtype), bias[0])
 
 
 class RelativePositionBias(nn.Module):
@@ -211,7 +239,7 @@ class Attention(nn.Module):
         """
         logits = jnp.einsum("bqhd,bkhd->bhqk", query, key,
                             preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(logits + bias, axis=-1)
+        weights = softmax(logits + bias)
         weights = self.dropout(weights, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
         return self.out(out.reshape(out.shape[:2] + (-1,)))
@@ -326,8 +354,10 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
 
     def attend(self, x: Array) -> Array:
-        return jnp.dot(x.astype(self.dtype), self.embedding.T.astype(self.dtype),
-                       preferred_element_type=jnp.float32)
+        """[..., emb] -> float32 [..., vocab], as one 2-D matmul (see `Dense`)."""
+        logits = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype),
+                         self.embedding.T.astype(self.dtype), preferred_element_type=jnp.float32)
+        return logits.reshape(x.shape[:-1] + (self.num_embeddings,))
 
 
 def _padding_bias(key_mask: Array) -> Array:
@@ -347,7 +377,7 @@ class Encoder(nn.Module):
         bias = RelativePositionBias(
             cfg.num_heads, cfg.relative_attention_num_buckets,
             cfg.relative_attention_max_distance, True, name="relpos_bias")(positions, positions)
-        bias = bias + _padding_bias(tokens > 0)
+        bias = repeat_over_batch(bias, tokens.shape[0]) + _padding_bias(tokens > 0)
         x = nn.Dropout(cfg.dropout_rate)(self.shared_embedding(tokens), deterministic=deterministic)
         for i in range(cfg.num_encoder_layers):
             x = EncoderLayer(cfg, name=f"layers_{i}")(x, bias, deterministic)
@@ -387,6 +417,7 @@ class Decoder(nn.Module):
         positions = jnp.arange(length)
         causal = positions[None, :] <= positions[:, None]
         self_bias = self.relpos_bias(positions, positions) + jnp.where(causal, 0.0, NEG_INF)
+        self_bias = repeat_over_batch(self_bias, decoder_input_tokens.shape[0])
         cross_bias = _padding_bias(encoder_mask)
         x = self.dropout(self.shared_embedding(decoder_input_tokens), deterministic=deterministic)
         for layer in self.layers:
