@@ -118,6 +118,7 @@ def sample(tokens_to_logits: TokensToLogits, init_cache: Any, rng: Array, *,
     _check_arguments(batch_size, max_decode_len, top_k, top_p, chunk_size, temperature)
     temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (batch_size,))
     greedy = ~(temperature > 0.0)  # [batch]
+    all_greedy = jnp.all(greedy)
     safe_temperature = jnp.where(greedy, 1.0, temperature)[:, None]  # [batch, 1]
     filtering = bool(top_k) or top_p < 1.0
 
@@ -129,8 +130,14 @@ def sample(tokens_to_logits: TokensToLogits, init_cache: Any, rng: Array, *,
         filtered = scaled
         if filtering:
             filtered = jnp.where(greedy[:, None], scaled, filter_logits(scaled, top_k, top_p))
-        sampled = jax.random.categorical(jax.random.fold_in(rng, t), filtered, axis=-1)
-        chosen = jnp.where(greedy, jnp.argmax(scaled, axis=-1), sampled)
+        best = jnp.argmax(scaled, axis=-1)
+
+        def draw():
+            sampled = jax.random.categorical(jax.random.fold_in(rng, t), filtered, axis=-1)
+            return jnp.where(greedy, best, sampled)
+
+        # An all-greedy batch skips the draw (its noise would be thrown away).
+        chosen = jax.lax.cond(all_greedy, lambda: best, draw)
         chosen = jnp.where(ended, 0, chosen).astype(jnp.int32)  # [batch]
 
         def gather(log_probs):  # [batch, vocab] -> [batch]
