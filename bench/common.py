@@ -1,5 +1,6 @@
 """What the benchmarks share: the model shapes, random Hugging Face T5s that
-both sides load, and median wall-clock times taken in turns."""
+both sides load, median wall-clock times taken in turns, and this machine's
+memory bandwidth."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import statistics
 import time
 from typing import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import torch
 import transformers
 from safetensors.torch import save_file
@@ -64,3 +67,12 @@ def median_times(fns: Sequence[Callable[[], object]], reps: int, warmup: int = 1
             fn()
             record.append(time.perf_counter() - start)
     return [statistics.median(record) for record in times]
+
+
+def memory_bandwidth(megabytes: int = 512, reps: int = 5) -> float:
+    """Bytes/s of a jitted elementwise pass over a float32 array of `megabytes`
+    on the default device: it reads and writes the array once (median of reps)."""
+    x = jnp.ones((megabytes * 2 ** 20 // 4,), jnp.float32)
+    double = jax.jit(lambda a: a * 2.0)
+    seconds, = median_times([lambda: double(x).block_until_ready()], reps)
+    return 2.0 * x.nbytes / seconds

@@ -1,32 +1,51 @@
-r"""DeRa decoding speed: our compiled two-model scan vs a PyTorch two-model loop.
+r"""DeRa decoding speed: our compiled scans vs transformers' PyTorch T5.
 
-    python bench/decode.py [--shapes=tiny,t5_small] [--batch=16] [--reps=3]
+    python bench/decode.py [--shapes=tiny,t5_small] [--batches=tiny:16,t5_small:16+64]
+                           [--reps=3] [--steps=32] [--inputs=128]
 
-The peer is what the authors' public code does with transformers: two T5
-models with their own KV caches, the last-step logits mixed per step in eager
-PyTorch, one lambda per call (a sweep of K lambdas is K calls, each encoding
-the inputs again). Ours is `realign.dera_decode` for one lambda and
-`realign.dera_sweep` for K lambdas (one encoder pass per parameter set).
-Both decode greedily for a fixed number of steps from the same random
-weights (loaded from the same safetensors), so they do the same work; the
-script checks the tokens agree. Prints ratios measured side by side in one
-process, then one JSON line with every figure. Not a test: timings are noisy.
+Both sides load the same random weights (two transformers T5s saved as
+safetensors and read with `checkpoints.load_hf_t5`), take --inputs random
+input tokens and decode greedily for exactly --steps new tokens: ours runs
+every step of its scan whatever the tokens, and PyTorch `generate` is held
+to full length with `min_new_tokens`. Padding is never generated on either
+side. Rows, each timed in turns with the others after a warm-up call:
+
+  ours_single      `model.predict` (one parameter set), jitted
+  ours_dera        `realign.dera_decode`, one lambda
+  ours_sweep8      `realign.dera_sweep` over 8 lambdas, against 8 separate
+                   `dera_decode` calls (8 x ours_dera) and 8 PyTorch loops
+  torch_generate   transformers `generate(do_sample=False)`, one model
+  torch_two_model  the authors' approach: two T5s with their own KV caches,
+                   last-step logits mixed per step in eager PyTorch
+
+Printed per row: seconds, generated tokens/s (batch x steps, x 8 for the
+sweep), compile seconds (first call minus a warm call) for ours, and the
+decoder-weight bytes read per step (every decoder parameter and the output
+projection, once per parameter set; caches and activations not counted)
+times steps / seconds, as a fraction of this machine's memory bandwidth
+measured in the same run. The script checks the tokens agree (ours vs
+PyTorch up to our first EOS, the sweep's lambda=0.5 row vs `dera_decode`),
+prints the issue's targets as met / MISSED, then one JSON line with every
+figure (`{shape}_b{batch}_{row}_...`, and the target keys). Not a test:
+timings are noisy.
 
 It also shows what the loop's early exit (`chunk_size`) buys when outputs
 end before `max_decode_len`: our DeRa step (`realign.tokens_to_logits`) in
 `decoding.sample`, sampled at temperature 1 with the EOS logit set so that
 every step ends a row with probability --eos_prob (geometric lengths, mean
-1 / eos_prob), run for all --exit_steps steps
-and with chunks of --chunk steps (the same tokens, checked).
+1 / eos_prob), run for all --exit_steps steps and with chunks of --chunk
+steps (the same tokens, checked).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import sys
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +59,8 @@ from dera_t5x import decoding  # noqa: E402
 from dera_t5x import models  # noqa: E402
 from dera_t5x import realign  # noqa: E402
 
-LAMBDAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+LAMBDA = 0.5
+SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)  # K = 8, holds LAMBDA
 
 
 def _hf_pair(shape: str, directory: pathlib.Path):
@@ -49,14 +69,22 @@ def _hf_pair(shape: str, directory: pathlib.Path):
             for seed, name in ((0, "ref"), (1, "aligned"))]
 
 
+def _decoder_bytes(params) -> int:
+    """Parameter bytes one decode step reads: the decoder, and the embedding
+    when it is also the output projection (T5.1.0)."""
+    tree = {"decoder": params["decoder"]}
+    if "logits_dense" not in params["decoder"]:
+        tree["embedding"] = params["token_embedder"]
+    return sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
+
+
 @torch.no_grad()
-def _torch_dera(ref, aligned, inputs, lam: float, steps: int) -> np.ndarray:
-    """Greedy DeRa in eager PyTorch with a KV cache per model."""
-    enc = torch.tensor(inputs)
+def _torch_dera(ref, aligned, enc: torch.Tensor, lam: float, steps: int) -> np.ndarray:
+    """Greedy DeRa in eager PyTorch with a KV cache per model: [batch, steps]."""
     mask = enc > 0
     ref_enc = ref.encoder(input_ids=enc, attention_mask=mask)
     aligned_enc = aligned.encoder(input_ids=enc, attention_mask=mask)
-    tokens = torch.zeros((len(inputs), 1), dtype=torch.long)
+    tokens = torch.zeros((enc.shape[0], 1), dtype=torch.long, device=enc.device)
     ref_past = aligned_past = None
     out = []
     for _ in range(steps):
@@ -69,40 +97,97 @@ def _torch_dera(ref, aligned, inputs, lam: float, steps: int) -> np.ndarray:
         mixed[:, 0] = -float("inf")
         tokens = mixed.argmax(-1, keepdim=True)
         out.append(tokens)
-    return torch.cat(out, 1).numpy()
+    return torch.cat(out, 1).cpu().numpy()
 
 
-def bench_shape(shape: str, batch: int, in_len: int, steps: int, reps: int) -> dict:
+@torch.no_grad()
+def _torch_generate(model, enc: torch.Tensor, steps: int) -> np.ndarray:
+    """Greedy `generate` of exactly `steps` new tokens, padding suppressed."""
+    out = model.generate(input_ids=enc, attention_mask=enc > 0, do_sample=False, num_beams=1,
+                         max_new_tokens=steps, min_new_tokens=steps, suppress_tokens=[0])
+    return out[:, 1:].cpu().numpy()
+
+
+def _agree(ours, peer) -> float:
+    """Share of rows where the peer's tokens equal ours up to our first EOS."""
+    ours, peer = np.asarray(ours), np.asarray(peer)
+    rows = []
+    for mine, theirs in zip(ours, peer):
+        end = int(np.argmax(mine == models.EOS_ID)) if np.any(mine == models.EOS_ID) \
+            else len(mine)
+        rows.append(np.array_equal(mine[:end], theirs[:end]))
+    return float(np.mean(rows))
+
+
+def _first_call(fn) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    tokens = np.asarray(fn())
+    return tokens, time.perf_counter() - start
+
+
+def bench_shape(shape: str, batches: list[int], in_len: int, steps: int, reps: int,
+                torch_device: str) -> dict[int, dict]:
+    """Every row at each batch size: {batch: {figure: value}}."""
     with tempfile.TemporaryDirectory() as tmp:
         (ref, ref_path), (aligned, aligned_path) = _hf_pair(shape, pathlib.Path(tmp))
         config, params_ref = checkpoints.load_hf_t5(ref_path)
         _, params_aligned = checkpoints.load_hf_t5(aligned_path)
+    ref, aligned = ref.to(torch_device), aligned.to(torch_device)
     model = models.EncoderDecoderModel(config)
-    rng = np.random.default_rng(0)
-    inputs = rng.integers(2, config.vocab_size, size=(batch, in_len)).astype(np.int32)
     key = jax.random.PRNGKey(0)
+    predict = jax.jit(functools.partial(model.predict, max_decode_len=steps, temperature=0.0))
+    step_bytes = _decoder_bytes(params_ref)
+    results = {}
+    for batch in batches:
+        inputs = np.random.default_rng(0).integers(2, config.vocab_size, size=(batch, in_len),
+                                                    dtype=np.int32)
+        enc = torch.tensor(inputs, dtype=torch.long, device=torch_device)
 
-    def ours_one():
-        out = realign.dera_decode(model, params_ref, params_aligned, inputs, np.full(batch, 0.5),
-                                  max_decode_len=steps, rng=key, temperature=0.0)
-        return jax.block_until_ready(out.tokens)
+        def ours_single():
+            return jax.block_until_ready(predict(params_ref, inputs, key).tokens)
 
-    def ours_sweep():
-        out = realign.dera_sweep(model, params_ref, params_aligned, inputs, LAMBDAS,
-                                 max_decode_len=steps, rng=key, temperature=0.0)
-        return jax.block_until_ready(out.tokens)
+        def ours_dera():
+            return jax.block_until_ready(realign.dera_decode(
+                model, params_ref, params_aligned, inputs, np.full(batch, LAMBDA),
+                max_decode_len=steps, rng=key, temperature=0.0).tokens)
 
-    # Greedy rows stop differing only at EOS handling: compare up to our EOS.
-    ours = np.asarray(ours_one())
-    peer = _torch_dera(ref, aligned, inputs, 0.5, steps)
-    agree = float(np.mean([np.array_equal(ours[i][ours[i] != 0], peer[i][:np.sum(ours[i] != 0)])
-                           for i in range(batch)]))
-    t_ours, t_peer, t_sweep = common.median_times(
-        (ours_one, lambda: _torch_dera(ref, aligned, inputs, 0.5, steps), ours_sweep), reps)
-    t_peer_sweep = t_peer * len(LAMBDAS)  # the peer decodes one lambda per call
-    return {"shape": shape, "tokens_agree": agree, "ours_s": t_ours, "torch_s": t_peer,
-            "speedup_one_lambda": t_peer / t_ours, "ours_sweep_s": t_sweep,
-            "torch_sweep_s": t_peer_sweep, "speedup_sweep": t_peer_sweep / t_sweep}
+        def ours_sweep8():
+            return jax.block_until_ready(realign.dera_sweep(
+                model, params_ref, params_aligned, inputs, SWEEP, max_decode_len=steps,
+                rng=key, temperature=0.0).tokens)
+
+        def torch_generate():
+            return _torch_generate(ref, enc, steps)
+
+        def torch_two_model():
+            return _torch_dera(ref, aligned, enc, LAMBDA, steps)
+
+        rows = {"ours_single": ours_single, "ours_dera": ours_dera, "ours_sweep8": ours_sweep8,
+                "torch_generate": torch_generate, "torch_two_model": torch_two_model}
+        first = {name: _first_call(fn) for name, fn in rows.items()}
+        tokens = {name: out for name, (out, _) in first.items()}
+        seconds = dict(zip(rows, common.median_times(list(rows.values()), reps, warmup=0)))
+        r = {"single_tokens_agree": _agree(tokens["ours_single"], tokens["torch_generate"]),
+             "dera_tokens_agree": _agree(tokens["ours_dera"], tokens["torch_two_model"]),
+             "sweep_matches_dera": bool(np.array_equal(
+                 tokens["ours_sweep8"][SWEEP.index(LAMBDA)], tokens["ours_dera"]))}
+        for name, t in seconds.items():
+            sequences = batch * (len(SWEEP) if name == "ours_sweep8" else 1)
+            models_read = 1 if name in ("ours_single", "torch_generate") else 2
+            r[f"{name}_s"] = t
+            r[f"{name}_tokens_per_s"] = sequences * steps / t
+            r[f"{name}_weight_bandwidth"] = models_read * step_bytes * steps / t
+            if name.startswith("ours"):
+                r[f"{name}_compile_s"] = first[name][1] - t
+        r["dera_vs_torch_two_model_speedup"] = seconds["torch_two_model"] / seconds["ours_dera"]
+        r["single_vs_torch_generate_speedup"] = seconds["torch_generate"] / seconds["ours_single"]
+        r["dera_over_single"] = seconds["ours_dera"] / seconds["ours_single"]
+        r["sweep8_vs_8_dera_calls_speedup"] = len(SWEEP) * seconds["ours_dera"] / seconds[
+            "ours_sweep8"]
+        r["sweep8_vs_8_torch_two_model_speedup"] = len(SWEEP) * seconds[
+            "torch_two_model"] / seconds["ours_sweep8"]
+        results[batch] = r
+    return results
 
 
 def bench_early_exit(shape: str, batch: int, in_len: int, steps: int, chunk: int,
@@ -146,39 +231,104 @@ def bench_early_exit(shape: str, batch: int, in_len: int, steps: int, chunk: int
             "exit_chunk": chunk}
 
 
+# (figure, batch, comparison, bound): the issue's targets; batch None = every batch.
+TARGETS = (
+    ("tiny", 16, "dera_vs_torch_two_model_speedup", ">=", 5.0),
+    ("t5_small", 16, "dera_vs_torch_two_model_speedup", ">=", 1.0),
+    (None, None, "dera_over_single", "<=", 2.05),
+    (None, None, "sweep8_vs_8_dera_calls_speedup", ">=", 4.0),
+)
+
+
+def _print_rows(shape: str, batch: int, r: dict, bandwidth: float) -> None:
+    print(f"{shape}, batch {batch}:", flush=True)
+    for name in ("ours_single", "ours_dera", "ours_sweep8", "torch_generate",
+                 "torch_two_model"):
+        compile_s = r.get(f"{name}_compile_s")
+        print(f"  {name:16s} {r[f'{name}_s']:8.3f} s  {r[f'{name}_tokens_per_s']:9.0f} tokens/s"
+              f"  weights read at {100 * r[f'{name}_weight_bandwidth'] / bandwidth:5.1f}% of "
+              "bandwidth" + (f"  compile {compile_s:.1f} s" if compile_s is not None else ""),
+              flush=True)
+    print(f"  DeRa vs PyTorch two-model loop {r['dera_vs_torch_two_model_speedup']:.2f}x; "
+          f"single vs generate {r['single_vs_torch_generate_speedup']:.2f}x; DeRa / single "
+          f"{r['dera_over_single']:.2f}; sweep of 8 vs 8 calls "
+          f"{r['sweep8_vs_8_dera_calls_speedup']:.2f}x (vs 8 PyTorch loops "
+          f"{r['sweep8_vs_8_torch_two_model_speedup']:.2f}x); tokens agree: single "
+          f"{100 * r['single_tokens_agree']:.0f}%, DeRa {100 * r['dera_tokens_agree']:.0f}% of "
+          f"rows, sweep = dera_decode: {r['sweep_matches_dera']}", flush=True)
+
+
+def _check_targets(results: dict[str, dict[int, dict]]) -> dict[str, bool]:
+    met = {}
+    for shape, batch, figure, op, bound in TARGETS:
+        for s, by_batch in results.items():
+            for b, r in by_batch.items():
+                if (shape or s) != s or (batch or b) != b:
+                    continue
+                ok = r[figure] >= bound if op == ">=" else r[figure] <= bound
+                met[f"{s}_b{b}_{figure}"] = ok
+                print(f"  {'met   ' if ok else 'MISSED'} {s} batch {b}: {figure} "
+                      f"{r[figure]:.2f} (target {op} {bound})", flush=True)
+    return met
+
+
+def _parse_batches(text: str, shapes: list[str]) -> dict[str, list[int]]:
+    """'tiny:16,t5_small:16+64' -> {'tiny': [16], 't5_small': [16, 64]}."""
+    batches = {}
+    for item in text.split(","):
+        shape, _, sizes = item.partition(":")
+        batches[shape] = [int(b) for b in sizes.split("+")]
+    missing = [s for s in shapes if s not in batches]
+    if missing:
+        raise SystemExit(f"--batches has no sizes for {missing}; e.g. --batches=tiny:16")
+    return batches
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="tiny,t5_small")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batches", default="tiny:16,t5_small:16+64",
+                        help="batch sizes per shape: shape:b1+b2,...")
     parser.add_argument("--inputs", type=int, default=128)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--exit_steps", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=8)
     parser.add_argument("--eos_prob", type=float, default=0.08)
+    parser.add_argument("--torch_device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    shapes = args.shapes.split(",")
+    unknown = set(shapes) - set(common.SHAPES)
+    if unknown:
+        parser.error(f"unknown shapes {sorted(unknown)}; choose from {sorted(common.SHAPES)}.")
+    batches = _parse_batches(args.batches, shapes)
+    bandwidth = common.memory_bandwidth()
+    print(f"memory bandwidth ({jax.devices()[0].platform}): {bandwidth / 1e9:.1f} GB/s",
+          flush=True)
+    figures = {"device": jax.devices()[0].platform, "torch_device": args.torch_device,
+               "inputs": args.inputs, "steps": args.steps, "memory_bandwidth": bandwidth}
     results = {}
-    for shape in args.shapes.split(","):
-        r = bench_shape(shape, args.batch, args.inputs, args.steps, args.reps)
-        results[shape] = r
-        print(f"{shape}: one lambda {r['ours_s']:.3f}s vs torch {r['torch_s']:.3f}s "
-              f"({r['speedup_one_lambda']:.2f}x); sweep of {len(LAMBDAS)} lambdas "
-              f"{r['ours_sweep_s']:.3f}s vs {r['torch_sweep_s']:.3f}s "
-              f"({r['speedup_sweep']:.2f}x); tokens agree on {100 * r['tokens_agree']:.0f}% "
-              "of rows", flush=True)
-        e = bench_early_exit(shape, args.batch, args.inputs, args.exit_steps, args.chunk,
-                             args.eos_prob, args.reps)
-        r.update(e, exit_speedup=e["exit_full_s"] / e["exit_early_s"])
+    for shape in shapes:
+        results[shape] = bench_shape(shape, batches[shape], args.inputs, args.steps, args.reps,
+                                     args.torch_device)
+        for batch, r in results[shape].items():
+            _print_rows(shape, batch, r, bandwidth)
+            figures.update({f"{shape}_b{batch}_{k}": v for k, v in r.items()})
+        smallest = results[shape][min(results[shape])]
+        figures[f"{shape}_dera_vs_torch_two_model_speedup"] = smallest[
+            "dera_vs_torch_two_model_speedup"]
+        e = bench_early_exit(shape, min(batches[shape]), args.inputs, args.exit_steps,
+                             args.chunk, args.eos_prob, args.reps)
+        e["exit_speedup"] = e["exit_full_s"] / e["exit_early_s"]
+        figures.update({f"{shape}_{k}": v for k, v in e.items()})
         print(f"{shape}: early exit, lengths mean {e['exit_mean_length']:.1f} / max "
               f"{e['exit_max_length']} of {e['exit_steps']} steps: "
               f"{e['exit_full_s']:.3f}s all steps vs {e['exit_early_s']:.3f}s with chunks of "
-              f"{e['exit_chunk']} ({r['exit_speedup']:.2f}x), tokens identical: "
+              f"{e['exit_chunk']} ({e['exit_speedup']:.2f}x), tokens identical: "
               f"{e['exit_identical']}", flush=True)
-    print(json.dumps({"device": jax.devices()[0].platform, "batch": args.batch,
-                      "inputs": args.inputs, "steps": args.steps, **{
-                          f"{s}_{k}": v for s, r in results.items() for k, v in r.items()
-                          if k != "shape"}}))
+    print("targets:")
+    figures.update({f"target_{k}": v for k, v in _check_targets(results).items()})
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
-# (previous tokens [batch], cache) -> (logits [batch, vocab], cache, {name: [batch, vocab]}).
+# (previous tokens [batch], cache) -> (logits [batch, vocab], cache,
+#                                      {name: auxiliary logits [batch, vocab]}).
 TokensToLogits = Callable[[Array, Any], tuple[Array, Any, dict[str, Array]]]
 
 
@@ -31,8 +32,9 @@ class DecodeOutput(NamedTuple):
       log_probs: [batch, max_decode_len] float32; each chosen token under the
         distribution it was sampled from (temperature, then top-k / top-p,
         renormalized); under log_softmax(logits) for greedy rows; 0 after the end.
-      aux_log_probs: name -> [batch, max_decode_len] float32; each auxiliary
-        distribution of `tokens_to_logits` at the chosen token; 0 after the end.
+      aux_log_probs: name -> [batch, max_decode_len] float32; each chosen
+        token under the softmax of that auxiliary logits of `tokens_to_logits`;
+        0 after the end.
     """
 
     tokens: Array
@@ -90,8 +92,8 @@ def sample(tokens_to_logits: TokensToLogits, init_cache: Any, rng: Array, *,
 
     Args:
       tokens_to_logits: (tokens [batch] int32, cache) -> (logits [batch,
-        vocab], new cache, aux {name: [batch, vocab] log-probs}); aux may be
-        empty.
+        vocab], new cache, aux {name: [batch, vocab] logits of another
+        distribution, normalized here}); aux may be empty.
       init_cache: any pytree; every row shares its step index.
       rng: a PRNG key.
       batch_size: static.
@@ -140,12 +142,14 @@ def sample(tokens_to_logits: TokensToLogits, init_cache: Any, rng: Array, *,
         chosen = jax.lax.cond(all_greedy, lambda: best, draw)
         chosen = jnp.where(ended, 0, chosen).astype(jnp.int32)  # [batch]
 
-        def gather(log_probs):  # [batch, vocab] -> [batch]
-            value = jnp.take_along_axis(log_probs, chosen[:, None], axis=-1)[:, 0]
-            return jnp.where(ended, 0.0, value.astype(jnp.float32))
+        def log_prob(logits):  # log_softmax(logits) at chosen: [batch, vocab] -> [batch]
+            shifted = logits.astype(jnp.float32)
+            shifted = shifted - jnp.max(shifted, axis=-1, keepdims=True)  # as log_softmax
+            value = jnp.take_along_axis(shifted, chosen[:, None], axis=-1)[:, 0]
+            return jnp.where(ended, 0.0, value - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1)))
 
-        outputs = (chosen, gather(jax.nn.log_softmax(filtered, axis=-1)),
-                   {name: gather(value) for name, value in aux.items()})
+        outputs = (chosen, log_prob(filtered),
+                   {name: log_prob(value) for name, value in aux.items()})
         ended = ended | (chosen == eos_id)
         return (jnp.where(ended, 0, chosen), cache, ended), outputs
 
@@ -232,5 +236,5 @@ def _check_step_shapes(logits: Array, aux: dict[str, Array], batch_size: int) ->
                          f"vocab], got shape {logits.shape}.")
     for name, value in aux.items():
         if value.shape != logits.shape:
-            raise ValueError(f"aux log-probs {name!r} must have the logits' shape "
+            raise ValueError(f"aux logits {name!r} must have the logits' shape "
                              f"{logits.shape}, got {value.shape}.")

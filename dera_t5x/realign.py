@@ -71,7 +71,8 @@ def tokens_to_logits(model: models.EncoderDecoderModel, params_ref: Params,
     """The two-model step for `decoding.sample`; its cache is {'ref', 'aligned'}.
 
     Returns a function (tokens [batch], cache) -> (mixed logits [batch, vocab],
-    cache, aux log-probs {'ref', 'aligned', 'mixed'} [batch, vocab]).
+    cache, aux logits {'ref', 'aligned', 'mixed'} [batch, vocab], whose
+    log-probs at the chosen tokens `decoding.sample` reports).
     """
 
     def step(tokens: Array, cache: dict) -> tuple[Array, dict, dict[str, Array]]:
@@ -80,9 +81,8 @@ def tokens_to_logits(model: models.EncoderDecoderModel, params_ref: Params,
         # Padding is excluded after mixing: lam > 1 would turn a masked logit
         # in both models into a large positive one.
         mixed = models.exclude_padding(mix_logits(ref_logits, aligned_logits, lam))
-        aux = {"ref": jax.nn.log_softmax(models.exclude_padding(ref_logits)),
-               "aligned": jax.nn.log_softmax(models.exclude_padding(aligned_logits)),
-               "mixed": jax.nn.log_softmax(mixed)}
+        aux = {"ref": models.exclude_padding(ref_logits),
+               "aligned": models.exclude_padding(aligned_logits), "mixed": mixed}
         return mixed, {"ref": ref_cache, "aligned": aligned_cache}, aux
 
     return step

@@ -22,7 +22,7 @@ _TABLE[6, EOS] = 10.0  # greedy from START = 3 emits 0, 6, EOS
 TABLE = jnp.asarray(_TABLE)
 GREEDY_LENGTH = 3
 NO_EOS_TABLE = TABLE.at[:, EOS].set(-30.0)
-AUX_TABLE = jax.nn.log_softmax(0.3 * TABLE[::-1], axis=-1)  # some other distribution
+AUX_TABLE = 0.3 * TABLE[::-1] + 5.0  # the unnormalized logits of some other distribution
 
 
 def bigram(tokens, cache):
@@ -192,7 +192,7 @@ def test_filters_restrict_the_support_and_renormalize(kwargs, support_size):
 def test_aux_log_probs_are_gathered_at_the_chosen_tokens():
     out = _sample(temperature=1.0)
     tokens = np.asarray(out.tokens)
-    want = np.asarray(AUX_TABLE)[_previous(tokens), tokens]
+    want = np.asarray(jax.nn.log_softmax(AUX_TABLE, axis=-1))[_previous(tokens), tokens]
     alive = np.arange(STEPS)[None, :] < np.asarray(out.lengths)[:, None]
     assert 0 < alive.sum() < alive.size  # some rows end early
     np.testing.assert_allclose(out.aux_log_probs["other"], np.where(alive, want, 0.0),
