@@ -69,6 +69,14 @@ def initialize_distributed(enabled: bool = False, coordinator_address: str | Non
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
+def partitioner_for(mesh_shape: Sequence[int] | None) -> "Partitioner | None":
+    """A `Partitioner` when there is more than one device or a mesh is asked
+    for; None (plain single-device jit) otherwise."""
+    if jax.device_count() > 1 or mesh_shape:
+        return Partitioner(mesh_shape)
+    return None
+
+
 def logical_to_mesh_axes(logical: Sequence[str | None]) -> tuple[str | None, ...]:
     """('embed', 'heads') -> (None, 'model') under `LOGICAL_RULES`."""
     rules = dict(LOGICAL_RULES)
@@ -173,6 +181,10 @@ class Partitioner:
             step=self.replicated(), rng=self.replicated(),
             params=self.param_shardings(state.params),
             opt_state=self.tree_shardings(state.opt_state, state.params))
+
+    def shard_params(self, params: Any) -> Any:
+        """Places a parameter tree (any tree: unmatched leaves are replicated)."""
+        return jax.device_put(params, self.param_shardings(params))
 
     def shard_state(self, state: Any) -> Any:
         """Places a state on the mesh."""

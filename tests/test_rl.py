@@ -1,5 +1,11 @@
 """RL against known optima and its safeguards (small models, seconds)."""
 
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +21,7 @@ CONFIG = network.T5Config(vocab_size=8, emb_dim=16, num_heads=2, head_dim=8, mlp
                           mlp_activations=("gelu", "linear"), logits_via_embedding=False,
                           dropout_rate=0.0)
 TABLE = jnp.array([0.0, 1.0, -0.5, 2.0, 0.3, -1.0, 1.5, 0.0])
+REPO = pathlib.Path(__file__).resolve().parents[1]
 PROMPTS = jnp.tile(jnp.array([[3, 4, 5, 1]], jnp.int32), (256, 1))
 
 
@@ -106,3 +113,64 @@ def test_a_reference_of_another_architecture_is_refused(tmp_path):
         rl.train_rl(str(tmp_path), model=model, ref_params=model.init(jax.random.PRNGKey(0)),
                     reward=rewards.length_reward(), beta=0.0, task_name="xsum_bundled",
                     feature_lengths={"inputs": 16, "targets": 8}, num_steps=1)
+
+
+_EIGHT_DEVICES = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import PartitionSpec as P
+    from dera_t5x import models, network, partitioning
+    from dera_t5x.training import rewards, rl
+
+    assert jax.device_count() == 8
+    config = network.T5Config(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
+                              num_encoder_layers=1, num_decoder_layers=1,
+                              mlp_activations=("gelu", "linear"), logits_via_embedding=False,
+                              dropout_rate=0.0)
+    model = models.EncoderDecoderModel(config)
+    ref = model.init(jax.random.PRNGKey(0))
+    prompts = np.random.default_rng(0).integers(2, 64, (8, 10)).astype(np.int32)
+    rl_config = rl.RLConfig(beta=0.1, max_decode_len=6, num_samples=2)
+    optimizer = rl.make_optimizer(policy_learning_rate=1e-2, value_learning_rate=1e-2)
+    steps = rl.make_step_functions(model, rl_config, optimizer, rewards.length_reward())
+
+    def run(partitioner):
+        params = rl.init_params(jax.tree_util.tree_map(jnp.copy, ref), config.emb_dim)
+        opt_state = optimizer.init(params)
+        ref_params, batch = ref, prompts
+        if partitioner is not None:
+            params = partitioner.shard_params(params)
+            opt_state = jax.device_put(opt_state, partitioner.tree_shardings(opt_state, params))
+            ref_params = partitioner.shard_params(ref)
+            batch = partitioner.shard_batch({"x": prompts})["x"]
+        history = []
+        for i in range(3):
+            params, opt_state, metrics = rl.rl_step(steps, rl_config, params, opt_state,
+                                                    ref_params, None, batch,
+                                                    jax.random.PRNGKey(i))
+            history.append((metrics["reward"], metrics["kl"], metrics["value_loss"]))
+        return params, history
+
+    reference, ref_history = run(None)
+    assert ref_history[-1][1] != 0.0  # the policy has moved off the reference
+    for shape in ((2, 4), (4, 2)):
+        params, history = run(partitioning.Partitioner(shape))
+        q = params["policy"]["encoder"]["layers_0"]["attention"]["query"]["kernel"]
+        assert q.sharding.spec == P(None, "model"), q.sharding.spec
+        np.testing.assert_allclose(history, ref_history, rtol=1e-4, atol=1e-5)
+        jax.tree_util.tree_map(
+            lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                    rtol=1e-4, atol=1e-5), params, reference)
+        print(shape, "ok", history[-1])
+""")
+
+
+@pytest.mark.slow
+def test_rl_steps_on_eight_devices_match_one():
+    """Policy, value head, optimizer state and reference on a (data, model)
+    mesh, prompts split over 'data': the same rollouts, metrics and params."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(" ok ") == 2, result.stdout

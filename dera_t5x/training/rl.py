@@ -29,16 +29,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from absl import logging
 import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from dera_t5x import models
+from dera_t5x import partitioning
 from dera_t5x import realign
 from dera_t5x.data import pipeline
 from dera_t5x.training import rewards
@@ -300,7 +300,7 @@ def rl_step(steps: StepFunctions, config: RLConfig, params: Params, opt_state: A
     """
     prompts, responses = steps.rollout(params, prompts, rng)
     batch = steps.score(params, ref_params, reward_params, prompts, responses)
-    if not np.all(np.isfinite(np.asarray(batch["reward"]))):
+    if not bool(jnp.all(jnp.isfinite(batch["reward"]))):  # a replicated scalar on a mesh
         return params, opt_state, None
     for _ in range(config.updates_per_rollout):
         params, opt_state, metrics = steps.update(params, opt_state, batch)
@@ -313,13 +313,19 @@ def train_rl(model_dir: str, *, model: models.EncoderDecoderModel, ref_params: P
              feature_lengths: dict[str, int] = gin.REQUIRED, max_decode_len: int | None = None,
              batch_size: int = 16, num_steps: int = 100, config: RLConfig | None = None,
              optimizer: optax.GradientTransformation | None = None, seed: int = 0,
-             checkpoint_every: int = 50) -> Params:
+             checkpoint_every: int = 50, mesh_shape: Sequence[int] | None = None) -> Params:
     """RL from `ref_params` (the frozen SFT model) at KL strength `beta`.
 
     Prompts are the task's train-split inputs; each RL step is `rl_step`. A
     model_dir holding the final step returns its policy at once (resume and
     caching come from `trainer.train_loop`). Batches whose reward is not
     finite are skipped, logged and counted (`skipped_batches` in the metrics).
+
+    With more than one device (or a `mesh_shape` (data, model)), the policy,
+    value head, optimizer state, reference and reward params are placed by
+    `partitioning.Partitioner`'s rules and each prompt batch is split over
+    'data'; the jitted stages follow those shardings (XLA inserts the
+    collectives), as SFT does.
 
     Returns:
       the policy params (same tree as `ref_params`).
@@ -328,6 +334,12 @@ def train_rl(model_dir: str, *, model: models.EncoderDecoderModel, ref_params: P
     config = dataclasses.replace(base, beta=beta,
                                  max_decode_len=max_decode_len or base.max_decode_len)
     realign.check_compatible(model.config, ref_params, ref_params)
+    partitioner = partitioning.partitioner_for(mesh_shape)
+    reward_params = reward.params
+    if partitioner is not None:
+        partitioner.check_batch_size(batch_size)
+        ref_params = partitioner.shard_params(ref_params)
+        reward_params = partitioner.shard_params(reward_params)
     optimizer = optimizer if optimizer is not None else make_optimizer()
     steps = make_step_functions(model, config, optimizer, reward)
     prompts = pipeline.load_split(task_name, "train", feature_lengths).features[
@@ -338,7 +350,7 @@ def train_rl(model_dir: str, *, model: models.EncoderDecoderModel, ref_params: P
     def step(state: trainer.TrainState, batch) -> tuple[trainer.TrainState, dict]:
         rng, rollout_rng = jax.random.split(state.rng)
         params, opt_state, metrics = rl_step(steps, config, state.params, state.opt_state,
-                                             ref_params, reward.params,
+                                             ref_params, reward_params,
                                              batch["encoder_input_tokens"], rollout_rng)
         if metrics is None:
             skipped.append(int(state.step) + 1)
@@ -354,5 +366,5 @@ def train_rl(model_dir: str, *, model: models.EncoderDecoderModel, ref_params: P
         lambda start: pipeline.train_batches({"encoder_input_tokens": prompts}, batch_size,
                                              seed, start),
         num_steps=num_steps, model_dir=model_dir, checkpoint_every=checkpoint_every,
-        description=f"rl beta={beta:g}")
+        description=f"rl beta={beta:g}", partitioner=partitioner)
     return state.params["policy"]

@@ -107,8 +107,7 @@ def train_sft(model_dir: str, *, model_config: network.T5Config = gin.REQUIRED,
       mesh_shape: (data, model) device mesh; None puts every device on 'data'.
     """
     check_task_and_vocabulary(task_name, model_config)
-    partitioner = partitioning.Partitioner(mesh_shape) if jax.device_count() > 1 or mesh_shape \
-        else None
+    partitioner = partitioning.partitioner_for(mesh_shape)
     if partitioner is not None:
         partitioner.check_batch_size(batch_size)
     model = models.EncoderDecoderModel(model_config)
