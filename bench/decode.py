@@ -18,12 +18,15 @@ side. Rows, each timed in turns with the others after a warm-up call:
   torch_two_model  the authors' approach: two T5s with their own KV caches,
                    last-step logits mixed per step in eager PyTorch
 
-Printed per row: seconds, generated tokens/s (batch x steps, x 8 for the
-sweep), compile seconds (first call minus a warm call) for ours, and the
-decoder-weight bytes read per step (every decoder parameter and the output
-projection, once per parameter set; caches and activations not counted)
-times steps / seconds, as a fraction of this machine's memory bandwidth
-measured in the same run. The script checks the tokens agree (ours vs
+Every row also runs for a single step, which splits its time into the
+encoder pass with the first step, and the cost of each later step:
+(all steps - one step) / (steps - 1). Printed per row: seconds, generated
+tokens/s (batch x steps, x 8 for the sweep), that split, compile seconds
+(first call minus a warm call) for ours, and the decoder-weight bytes a
+later step reads (every decoder parameter and the output projection, once
+per parameter set; caches and activations not counted) over its time, as a
+fraction of this machine's memory bandwidth measured in the same run (a
+model small enough to stay in cache can exceed 100%). The script checks the tokens agree (ours vs
 PyTorch up to our first EOS, the sweep's lambda=0.5 row vs `dera_decode`),
 prints the issue's targets as met / MISSED, then one JSON line with every
 figure (`{shape}_b{batch}_{row}_...`, and the target keys). Not a test:
@@ -135,57 +138,57 @@ def bench_shape(shape: str, batches: list[int], in_len: int, steps: int, reps: i
     ref, aligned = ref.to(torch_device), aligned.to(torch_device)
     model = models.EncoderDecoderModel(config)
     key = jax.random.PRNGKey(0)
-    predict = jax.jit(functools.partial(model.predict, max_decode_len=steps, temperature=0.0))
+    predict = jax.jit(model.predict, static_argnames=("max_decode_len",))
     step_bytes = _decoder_bytes(params_ref)
     results = {}
     for batch in batches:
         inputs = np.random.default_rng(0).integers(2, config.vocab_size, size=(batch, in_len),
                                                     dtype=np.int32)
         enc = torch.tensor(inputs, dtype=torch.long, device=torch_device)
-
-        def ours_single():
-            return jax.block_until_ready(predict(params_ref, inputs, key).tokens)
-
-        def ours_dera():
-            return jax.block_until_ready(realign.dera_decode(
+        rows = {
+            "ours_single": lambda n: predict(params_ref, inputs, key, max_decode_len=n).tokens,
+            "ours_dera": lambda n: realign.dera_decode(
                 model, params_ref, params_aligned, inputs, np.full(batch, LAMBDA),
-                max_decode_len=steps, rng=key, temperature=0.0).tokens)
-
-        def ours_sweep8():
-            return jax.block_until_ready(realign.dera_sweep(
-                model, params_ref, params_aligned, inputs, SWEEP, max_decode_len=steps,
-                rng=key, temperature=0.0).tokens)
-
-        def torch_generate():
-            return _torch_generate(ref, enc, steps)
-
-        def torch_two_model():
-            return _torch_dera(ref, aligned, enc, LAMBDA, steps)
-
-        rows = {"ours_single": ours_single, "ours_dera": ours_dera, "ours_sweep8": ours_sweep8,
-                "torch_generate": torch_generate, "torch_two_model": torch_two_model}
-        first = {name: _first_call(fn) for name, fn in rows.items()}
-        tokens = {name: out for name, (out, _) in first.items()}
-        seconds = dict(zip(rows, common.median_times(list(rows.values()), reps, warmup=0)))
+                max_decode_len=n, rng=key, temperature=0.0).tokens,
+            "ours_sweep8": lambda n: realign.dera_sweep(
+                model, params_ref, params_aligned, inputs, SWEEP, max_decode_len=n, rng=key,
+                temperature=0.0).tokens,
+            "torch_generate": lambda n: _torch_generate(ref, enc, n),
+            "torch_two_model": lambda n: _torch_dera(ref, aligned, enc, LAMBDA, n),
+        }
+        # Each row also runs for one step: what the encoder pass and the first
+        # step cost, so the per-step cost is (all steps - one step) / (steps - 1).
+        fns = {(name, n): functools.partial(lambda row, n: np.asarray(row(n)), row, n)
+               for name, row in rows.items() for n in (steps, 1)}
+        first = {key_: _first_call(fn) for key_, fn in fns.items()}
+        tokens = {name: first[(name, steps)][0] for name in rows}
+        seconds = dict(zip(fns, common.median_times(list(fns.values()), reps, warmup=0)))
         r = {"single_tokens_agree": _agree(tokens["ours_single"], tokens["torch_generate"]),
              "dera_tokens_agree": _agree(tokens["ours_dera"], tokens["torch_two_model"]),
              "sweep_matches_dera": bool(np.array_equal(
                  tokens["ours_sweep8"][SWEEP.index(LAMBDA)], tokens["ours_dera"]))}
-        for name, t in seconds.items():
+        for name in rows:
+            t, t1 = seconds[(name, steps)], seconds[(name, 1)]
             sequences = batch * (len(SWEEP) if name == "ours_sweep8" else 1)
             models_read = 1 if name in ("ours_single", "torch_generate") else 2
             r[f"{name}_s"] = t
             r[f"{name}_tokens_per_s"] = sequences * steps / t
-            r[f"{name}_weight_bandwidth"] = models_read * step_bytes * steps / t
+            r[f"{name}_first_step_s"] = t1
+            r[f"{name}_per_step_s"] = (t - t1) / max(steps - 1, 1)
+            r[f"{name}_weight_bandwidth"] = models_read * step_bytes / r[f"{name}_per_step_s"]
             if name.startswith("ours"):
-                r[f"{name}_compile_s"] = first[name][1] - t
-        r["dera_vs_torch_two_model_speedup"] = seconds["torch_two_model"] / seconds["ours_dera"]
-        r["single_vs_torch_generate_speedup"] = seconds["torch_generate"] / seconds["ours_single"]
-        r["dera_over_single"] = seconds["ours_dera"] / seconds["ours_single"]
-        r["sweep8_vs_8_dera_calls_speedup"] = len(SWEEP) * seconds["ours_dera"] / seconds[
-            "ours_sweep8"]
-        r["sweep8_vs_8_torch_two_model_speedup"] = len(SWEEP) * seconds[
-            "torch_two_model"] / seconds["ours_sweep8"]
+                r[f"{name}_compile_s"] = first[(name, steps)][1] - t
+        t = {name: seconds[(name, steps)] for name in rows}
+        per_step = {name: r[f"{name}_per_step_s"] for name in rows}
+        r["dera_vs_torch_two_model_speedup"] = t["torch_two_model"] / t["ours_dera"]
+        r["dera_vs_torch_two_model_per_step_speedup"] = (per_step["torch_two_model"]
+                                                         / per_step["ours_dera"])
+        r["single_vs_torch_generate_speedup"] = t["torch_generate"] / t["ours_single"]
+        r["dera_over_single"] = t["ours_dera"] / t["ours_single"]
+        r["dera_over_single_per_step"] = per_step["ours_dera"] / per_step["ours_single"]
+        r["sweep8_vs_8_dera_calls_speedup"] = len(SWEEP) * t["ours_dera"] / t["ours_sweep8"]
+        r["sweep8_vs_8_torch_two_model_speedup"] = (len(SWEEP) * t["torch_two_model"]
+                                                    / t["ours_sweep8"])
         results[batch] = r
     return results
 
@@ -246,12 +249,15 @@ def _print_rows(shape: str, batch: int, r: dict, bandwidth: float) -> None:
                  "torch_two_model"):
         compile_s = r.get(f"{name}_compile_s")
         print(f"  {name:16s} {r[f'{name}_s']:8.3f} s  {r[f'{name}_tokens_per_s']:9.0f} tokens/s"
-              f"  weights read at {100 * r[f'{name}_weight_bandwidth'] / bandwidth:5.1f}% of "
-              "bandwidth" + (f"  compile {compile_s:.1f} s" if compile_s is not None else ""),
-              flush=True)
-    print(f"  DeRa vs PyTorch two-model loop {r['dera_vs_torch_two_model_speedup']:.2f}x; "
+              f"  encode + first step {r[f'{name}_first_step_s']:7.3f} s, then "
+              f"{1e3 * r[f'{name}_per_step_s']:7.2f} ms a step, weights read at "
+              f"{100 * r[f'{name}_weight_bandwidth'] / bandwidth:5.1f}% of bandwidth"
+              + (f"  compile {compile_s:.1f} s" if compile_s is not None else ""), flush=True)
+    print(f"  DeRa vs PyTorch two-model loop {r['dera_vs_torch_two_model_speedup']:.2f}x "
+          f"({r['dera_vs_torch_two_model_per_step_speedup']:.2f}x a step after the first); "
           f"single vs generate {r['single_vs_torch_generate_speedup']:.2f}x; DeRa / single "
-          f"{r['dera_over_single']:.2f}; sweep of 8 vs 8 calls "
+          f"{r['dera_over_single']:.2f} ({r['dera_over_single_per_step']:.2f} a step); "
+          f"sweep of 8 vs 8 calls "
           f"{r['sweep8_vs_8_dera_calls_speedup']:.2f}x (vs 8 PyTorch loops "
           f"{r['sweep8_vs_8_torch_two_model_speedup']:.2f}x); tokens agree: single "
           f"{100 * r['single_tokens_agree']:.0f}%, DeRa {100 * r['dera_tokens_agree']:.0f}% of "
