@@ -101,7 +101,8 @@ def sample(tokens_to_logits: TokensToLogits, init_cache: Any, rng: Array, *,
       eos_id: the token that ends a row.
       start_id: the token fed at step 0.
       temperature: scalar or [batch], may be traced; 0 means greedy (argmax,
-        lowest id on ties) for that row and ignores top-k / top-p.
+        lowest id on ties) for that row and ignores top-k / top-p. A batch
+        that is all greedy draws no random numbers.
       top_k: static; 0 = off. See `filter_logits`.
       top_p: static; 1.0 = off. See `filter_logits`.
       chunk_size: static. None runs one scan of max_decode_len steps; an int
@@ -118,6 +119,10 @@ def sample(tokens_to_logits: TokensToLogits, init_cache: Any, rng: Array, *,
       ValueError: for bad static arguments or temperature, before tracing.
     """
     _check_arguments(batch_size, max_decode_len, top_k, top_p, chunk_size, temperature)
+    # A concrete all-zero temperature compiles the draw out; a traced one
+    # decides per call (lax.cond below).
+    static_greedy = (not isinstance(temperature, jax.core.Tracer)
+                     and bool(np.all(np.asarray(temperature) == 0.0)))
     temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (batch_size,))
     greedy = ~(temperature > 0.0)  # [batch]
     all_greedy = jnp.all(greedy)
@@ -139,7 +144,7 @@ def sample(tokens_to_logits: TokensToLogits, init_cache: Any, rng: Array, *,
             return jnp.where(greedy, best, sampled)
 
         # An all-greedy batch skips the draw (its noise would be thrown away).
-        chosen = jax.lax.cond(all_greedy, lambda: best, draw)
+        chosen = best if static_greedy else jax.lax.cond(all_greedy, lambda: best, draw)
         chosen = jnp.where(ended, 0, chosen).astype(jnp.int32)  # [batch]
 
         def log_prob(logits):  # log_softmax(logits) at chosen: [batch, vocab] -> [batch]

@@ -224,8 +224,10 @@ class Attention(nn.Module):
         return self._split_heads(self.query(x))
 
     def project_key_value(self, x: Array) -> tuple[Array, Array]:
-        """[batch, len, emb] -> keys, values [batch, len, heads, head_dim]."""
-        return self._split_heads(self.key(x)), self._split_heads(self.value(x))
+        """[batch, len, emb] -> keys, values [batch, heads, len, head_dim]."""
+        def heads_first(y):
+            return jnp.swapaxes(self._split_heads(y), 1, 2)
+        return heads_first(self.key(x)), heads_first(self.value(x))
 
     def attend(self, query: Array, key: Array, value: Array, bias: Array,
                deterministic: bool) -> Array:
@@ -233,15 +235,17 @@ class Attention(nn.Module):
 
         Args:
           query: [batch, q_len, heads, head_dim]
-          key, value: [batch, k_len, heads, head_dim]
+          key, value: [batch, heads, k_len, head_dim] (the layout the
+            attention products read without a transpose: decode caches
+            keep it, so no step copies them)
           bias: broadcastable to [batch, heads, q_len, k_len], float32; holds
             relative position biases and NEG_INF where attention is masked.
         """
-        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key,
+        logits = jnp.einsum("bqhd,bhkd->bhqk", query, key,
                             preferred_element_type=jnp.float32)
         weights = softmax(logits + bias)
         weights = self.dropout(weights, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
+        out = jnp.einsum("bhqk,bhkd->bqhd", weights.astype(value.dtype), value)
         return self.out(out.reshape(out.shape[:2] + (-1,)))
 
     def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array,
@@ -311,7 +315,7 @@ class DecoderLayer(nn.Module):
         return x + self.dropout(h, deterministic=deterministic)
 
     def cross_key_value(self, encoded: Array) -> tuple[Array, Array]:
-        """Cross-attention keys, values [batch, enc_len, heads, head_dim]."""
+        """Cross-attention keys, values [batch, heads, enc_len, head_dim]."""
         return self.encoder_decoder_attention.project_key_value(encoded)
 
     def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array,
@@ -329,9 +333,9 @@ class DecoderLayer(nn.Module):
         query = self.self_attention.project_query(h)
         key, value = self.self_attention.project_key_value(h)
         cached_key = jax.lax.dynamic_update_slice_in_dim(
-            layer_cache["self_key"], key.astype(layer_cache["self_key"].dtype), index, axis=1)
+            layer_cache["self_key"], key.astype(layer_cache["self_key"].dtype), index, axis=2)
         cached_value = jax.lax.dynamic_update_slice_in_dim(
-            layer_cache["self_value"], value.astype(layer_cache["self_value"].dtype), index, axis=1)
+            layer_cache["self_value"], value.astype(layer_cache["self_value"].dtype), index, axis=2)
         h = self.self_attention.attend(query, cached_key, cached_value, self_bias, True)
         x = x + h
         x = self._cross_and_mlp(x, layer_cache["cross_key"], layer_cache["cross_value"],
@@ -427,7 +431,7 @@ class Decoder(nn.Module):
     def init_cache(self, encoded: Array, encoder_mask: Array, max_decode_len: int) -> dict:
         cfg = self.config
         batch = encoded.shape[0]
-        shape = (batch, max_decode_len, cfg.num_heads, cfg.head_dim)
+        shape = (batch, cfg.num_heads, max_decode_len, cfg.head_dim)
         layers = []
         for layer in self.layers:
             cross_key, cross_value = layer.cross_key_value(encoded)
@@ -439,7 +443,7 @@ class Decoder(nn.Module):
 
     def step(self, cache: dict, tokens: Array) -> tuple[Array, dict]:
         index = cache["index"]
-        max_len = cache["layers"][0]["self_key"].shape[1]
+        max_len = cache["layers"][0]["self_key"].shape[2]
         key_positions = jnp.arange(max_len)
         self_bias = self.relpos_bias(index[None], key_positions)
         self_bias = self_bias + jnp.where(key_positions <= index, 0.0, NEG_INF)
@@ -488,8 +492,8 @@ class Transformer(nn.Module):
 
     def init_cache(self, encoded: Array, encoder_input_tokens: Array,
                    max_decode_len: int) -> dict:
-        """Decode cache: per-layer self K/V [batch, max_decode_len, heads, head_dim]
-        (zeros), cross K/V [batch, enc_len, heads, head_dim], the cross-attention
+        """Decode cache: per-layer self K/V [batch, heads, max_decode_len, head_dim]
+        (zeros), cross K/V [batch, heads, enc_len, head_dim], the cross-attention
         padding bias and the step index."""
         return self.decoder.init_cache(encoded, encoder_input_tokens > 0, max_decode_len)
 

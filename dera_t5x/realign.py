@@ -94,6 +94,18 @@ def _as_output(out: decoding.DecodeOutput) -> DeraOutput:
                       aux["mixed"])
 
 
+def _temperature_argument(temperature: float | Array) -> Array | None:
+    """None for a concrete all-zero temperature: the compiled function is then
+    plain greedy decoding, with no draw (a separate compile from sampling);
+    anything else float32, traced, so new temperatures do not recompile."""
+    if isinstance(temperature, jax.core.Tracer):
+        return temperature
+    value = np.asarray(temperature, np.float32)
+    if not np.all(value >= 0.0):  # also catches NaN
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+    return None if np.all(value == 0.0) else jnp.asarray(value)
+
+
 def _init_caches(model, params_ref, params_aligned, encoder_input_tokens, max_decode_len):
     return {"ref": model.init_decode_cache(params_ref, encoder_input_tokens, max_decode_len),
             "aligned": model.init_decode_cache(params_aligned, encoder_input_tokens,
@@ -109,8 +121,9 @@ def _decode(config, params_ref, params_aligned, encoder_input_tokens, lam, rng, 
     out = decoding.sample(
         tokens_to_logits(model, params_ref, params_aligned, lam), cache, rng,
         batch_size=encoder_input_tokens.shape[0], max_decode_len=max_decode_len,
-        eos_id=models.EOS_ID, start_id=models.DECODER_START_ID, temperature=temperature,
-        top_k=top_k, top_p=top_p, chunk_size=chunk_size)
+        eos_id=models.EOS_ID, start_id=models.DECODER_START_ID,
+        temperature=0.0 if temperature is None else temperature, top_k=top_k, top_p=top_p,
+        chunk_size=chunk_size)
     return _as_output(out)
 
 
@@ -128,8 +141,9 @@ def _sweep(config, params_ref, params_aligned, encoder_input_tokens, lambdas, rn
         out = decoding.sample(
             tokens_to_logits(model, params_ref, params_aligned, lam), cache, rng,
             batch_size=batch, max_decode_len=max_decode_len, eos_id=models.EOS_ID,
-            start_id=models.DECODER_START_ID, temperature=temperature, top_k=top_k,
-            top_p=top_p, chunk_size=chunk_size)
+            start_id=models.DECODER_START_ID,
+            temperature=0.0 if temperature is None else temperature, top_k=top_k, top_p=top_p,
+            chunk_size=chunk_size)
         return _as_output(out)
 
     # The shared cache enters unbatched: only the growing self-attention K/V
@@ -203,7 +217,7 @@ def dera_decode(model: models.EncoderDecoderModel, params_ref: Params, params_al
     lam = _check_lambda(lam, (tokens.shape[0],), "lam")
     check_compatible(model.config, params_ref, params_aligned)
     return _decode(model.config, params_ref, params_aligned, tokens, lam, rng,
-                   jnp.asarray(temperature, jnp.float32), max_decode_len=max_decode_len,
+                   _temperature_argument(temperature), max_decode_len=max_decode_len,
                    top_k=top_k, top_p=top_p, chunk_size=chunk_size)
 
 
@@ -227,7 +241,7 @@ def dera_sweep(model: models.EncoderDecoderModel, params_ref: Params, params_ali
     lambdas = _check_lambda(lambdas, lambdas_shape, "lambdas")
     check_compatible(model.config, params_ref, params_aligned)
     return _sweep(model.config, params_ref, params_aligned, tokens, lambdas, rng,
-                  jnp.asarray(temperature, jnp.float32), max_decode_len=max_decode_len,
+                  _temperature_argument(temperature), max_decode_len=max_decode_len,
                   top_k=top_k, top_p=top_p, chunk_size=chunk_size)
 
 

@@ -252,6 +252,25 @@ def test_new_temperatures_and_params_do_not_recompile_an_outer_jit():
     assert np.any(np.asarray(hot) != np.asarray(greedy))
 
 
+def test_a_concrete_zero_temperature_is_the_traced_greedy_path_without_the_draw():
+    @jax.jit
+    def decode(table):
+        model = lambda tokens, cache: (table[tokens], cache, {})  # noqa: E731
+        return decoding.sample(model, jnp.zeros(()), jax.random.PRNGKey(0), batch_size=BATCH,
+                               max_decode_len=STEPS, eos_id=EOS, start_id=START,
+                               temperature=0.0)
+
+    static = decode(TABLE)
+    traced = _sample(temperature=0.0)  # temperature is a traced argument there
+    np.testing.assert_array_equal(static.tokens, traced.tokens)
+    np.testing.assert_array_equal(static.log_probs, traced.log_probs)
+    assert "random_bits" not in str(jax.make_jaxpr(decode)(TABLE))
+    assert "random_bits" in str(jax.make_jaxpr(
+        lambda t: decoding.sample(lambda tokens, cache: (t[tokens], cache, {}), jnp.zeros(()),
+                                  jax.random.PRNGKey(0), batch_size=BATCH,
+                                  max_decode_len=STEPS, temperature=jnp.zeros(BATCH)))(TABLE))
+
+
 def _wrong_logits(tokens, cache):
     return TABLE[tokens][:, None], cache, {}
 

@@ -149,6 +149,10 @@ def test_bad_input(setup):
         realign.dera_sweep(model, params_ref, params_aligned, tokens, np.ones((2, 2)), **kwargs)
     with pytest.raises(ValueError, match="non-empty"):
         realign.dera_decode(model, params_ref, params_aligned, tokens[:0], 0.5, **kwargs)
+    for temperature in (-1.0, np.array([1.0, np.nan, 1.0, 1.0])):
+        with pytest.raises(ValueError, match="temperature must be >= 0"):
+            realign.dera_sweep(model, params_ref, params_aligned, tokens, np.ones(2),
+                               temperature=temperature, **kwargs)
     other = models.EncoderDecoderModel(network.T5Config(**{**CONFIG.__dict__, "vocab_size": 48}))
     with pytest.raises(ValueError, match=r"aligned parameter .*logits_dense.*vocabulary"):
         realign.dera_decode(model, params_ref, other.init(jax.random.PRNGKey(0)), tokens, 0.5,
