@@ -305,7 +305,8 @@ def train_loop(state: TrainState, train_step: TrainStep,
       model_dir: checkpoints/, metrics.jsonl, tensorboard/ and config.gin go here.
       checkpoint_every: save every this many steps (and always at num_steps).
       eval_fn: params -> metrics, run every `eval_every` steps and at the end.
-      tokens_per_batch: host batch -> token count, for the tokens/s figure.
+      tokens_per_batch: host batch -> token count, for the tokens/s figure
+        (not shown without it).
       partitioner: places the state and shards each batch over 'data'.
     Returns:
       the state at num_steps.
@@ -362,8 +363,10 @@ def train_loop(state: TrainState, train_step: TrainStep,
                 rate = tokens / max(now - last_time, 1e-9)
                 last_time, tokens = now, 0
                 writer.write(done, metrics)
-                progress.set_postfix(loss=f"{float(metrics['loss']):.3f}",
-                                     tokens_per_s=f"{rate:.0f}")
+                postfix = {"loss": f"{float(metrics['loss']):.3f}"}
+                if tokens_per_batch:
+                    postfix["tokens_per_s"] = f"{rate:.0f}"
+                progress.set_postfix(postfix)
             if evaluate:
                 writer.write(done, eval_fn(state.params), prefix="eval")
             if save:
