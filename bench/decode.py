@@ -66,10 +66,17 @@ LAMBDA = 0.5
 SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)  # K = 8, holds LAMBDA
 
 
-def _hf_pair(shape: str, directory: pathlib.Path):
-    """[(reference, its directory), (aligned, its directory)]: two random T5s."""
-    return [(common.random_hf_t5(shape, directory / name, seed).eval(), directory / name)
-            for seed, name in ((0, "ref"), (1, "aligned"))]
+def _model_pair(shape: str):
+    """Two random T5s of `shape` on both sides: (torch ref, torch aligned), and
+    (config, params_ref, params_aligned) read back from their safetensors."""
+    torch_models, params = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed, name in ((0, "ref"), (1, "aligned")):
+            directory = pathlib.Path(tmp) / name
+            torch_models.append(common.random_hf_t5(shape, directory, seed).eval())
+            config, loaded = checkpoints.load_hf_t5(directory)
+            params.append(loaded)
+    return tuple(torch_models), (config, *params)
 
 
 def _decoder_bytes(params) -> int:
@@ -131,10 +138,7 @@ def _first_call(fn) -> tuple[np.ndarray, float]:
 def bench_shape(shape: str, batches: list[int], in_len: int, steps: int, reps: int,
                 torch_device: str) -> dict[int, dict]:
     """Every row at each batch size: {batch: {figure: value}}."""
-    with tempfile.TemporaryDirectory() as tmp:
-        (ref, ref_path), (aligned, aligned_path) = _hf_pair(shape, pathlib.Path(tmp))
-        config, params_ref = checkpoints.load_hf_t5(ref_path)
-        _, params_aligned = checkpoints.load_hf_t5(aligned_path)
+    (ref, aligned), (config, params_ref, params_aligned) = _model_pair(shape)
     ref, aligned = ref.to(torch_device), aligned.to(torch_device)
     model = models.EncoderDecoderModel(config)
     key = jax.random.PRNGKey(0)
@@ -196,10 +200,7 @@ def bench_shape(shape: str, batches: list[int], in_len: int, steps: int, reps: i
 def bench_early_exit(shape: str, batch: int, in_len: int, steps: int, chunk: int,
                      eos_prob: float, reps: int) -> dict:
     """Ours without and with early exit, on rows that end before `steps`."""
-    with tempfile.TemporaryDirectory() as tmp:
-        (_, ref_path), (_, aligned_path) = _hf_pair(shape, pathlib.Path(tmp))
-        config, params_ref = checkpoints.load_hf_t5(ref_path)
-        _, params_aligned = checkpoints.load_hf_t5(aligned_path)
+    _, (config, params_ref, params_aligned) = _model_pair(shape)
     model = models.EncoderDecoderModel(config)
     inputs = np.random.default_rng(0).integers(2, config.vocab_size, size=(batch, in_len),
                                                 dtype=np.int32)

@@ -119,10 +119,7 @@ def sample(tokens_to_logits: TokensToLogits, init_cache: Any, rng: Array, *,
       ValueError: for bad static arguments or temperature, before tracing.
     """
     _check_arguments(batch_size, max_decode_len, top_k, top_p, chunk_size, temperature)
-    # A concrete all-zero temperature compiles the draw out; a traced one
-    # decides per call (lax.cond below).
-    static_greedy = (not isinstance(temperature, jax.core.Tracer)
-                     and bool(np.all(np.asarray(temperature) == 0.0)))
+    static_greedy = is_greedy(temperature)  # else a traced choice per call (lax.cond below)
     temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (batch_size,))
     greedy = ~(temperature > 0.0)  # [batch]
     all_greedy = jnp.all(greedy)
@@ -148,10 +145,9 @@ def sample(tokens_to_logits: TokensToLogits, init_cache: Any, rng: Array, *,
         chosen = jnp.where(ended, 0, chosen).astype(jnp.int32)  # [batch]
 
         def log_prob(logits):  # log_softmax(logits) at chosen: [batch, vocab] -> [batch]
-            shifted = logits.astype(jnp.float32)
-            shifted = shifted - jnp.max(shifted, axis=-1, keepdims=True)  # as log_softmax
-            value = jnp.take_along_axis(shifted, chosen[:, None], axis=-1)[:, 0]
-            return jnp.where(ended, 0.0, value - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1)))
+            log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+            value = jnp.take_along_axis(log_probs, chosen[:, None], axis=-1)[:, 0]
+            return jnp.where(ended, 0.0, value)
 
         outputs = (chosen, log_prob(filtered),
                    {name: log_prob(value) for name, value in aux.items()})
@@ -209,6 +205,21 @@ def _scan_with_early_exit(step: Callable, carry: Any, length: int, chunk_size: i
                                   head_outputs, buffers)
 
 
+def check_temperature(temperature: float | Array) -> None:
+    """Raises ValueError for a concrete temperature below 0 or NaN; traced ones pass."""
+    if isinstance(temperature, jax.core.Tracer):
+        return
+    if not np.all(np.asarray(temperature, np.float32) >= 0.0):  # also catches NaN
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+
+
+def is_greedy(temperature: float | Array) -> bool:
+    """Whether `temperature` is concrete and 0 for every row: `sample` then
+    compiles plain argmax decoding, with no random draw."""
+    return (not isinstance(temperature, jax.core.Tracer)
+            and bool(np.all(np.asarray(temperature) == 0.0)))
+
+
 def _check_filters(top_k: int, top_p: float) -> None:
     if not isinstance(top_k, (int, np.integer)) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0 turns it off), got {top_k!r}.")
@@ -228,10 +239,7 @@ def _check_arguments(batch_size: int, max_decode_len: int, top_k: int, top_p: fl
     if jnp.shape(temperature) not in ((), (batch_size,)):
         raise ValueError(f"temperature must be a scalar or have shape [batch_size] = "
                          f"({batch_size},), got shape {jnp.shape(temperature)}.")
-    if not isinstance(temperature, jax.core.Tracer):
-        value = np.asarray(temperature, np.float32)
-        if not np.all(value >= 0.0):  # also catches NaN
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+    check_temperature(temperature)
 
 
 def _check_step_shapes(logits: Array, aux: dict[str, Array], batch_size: int) -> None:

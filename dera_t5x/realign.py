@@ -95,15 +95,12 @@ def _as_output(out: decoding.DecodeOutput) -> DeraOutput:
 
 
 def _temperature_argument(temperature: float | Array) -> Array | None:
-    """None for a concrete all-zero temperature: the compiled function is then
-    plain greedy decoding, with no draw (a separate compile from sampling);
-    anything else float32, traced, so new temperatures do not recompile."""
-    if isinstance(temperature, jax.core.Tracer):
-        return temperature
-    value = np.asarray(temperature, np.float32)
-    if not np.all(value >= 0.0):  # also catches NaN
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
-    return None if np.all(value == 0.0) else jnp.asarray(value)
+    """None for a greedy temperature (`decoding.is_greedy`), which keeps it
+    static through the jit below so no random draw is compiled (a separate
+    compile from sampling); anything else float32 and traced, so new
+    temperatures do not recompile."""
+    decoding.check_temperature(temperature)
+    return None if decoding.is_greedy(temperature) else jnp.asarray(temperature, jnp.float32)
 
 
 def _init_caches(model, params_ref, params_aligned, encoder_input_tokens, max_decode_len):
@@ -112,39 +109,42 @@ def _init_caches(model, params_ref, params_aligned, encoder_input_tokens, max_de
                                                max_decode_len)}
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_decode_len", "top_k", "top_p",
-                                             "chunk_size"))
-def _decode(config, params_ref, params_aligned, encoder_input_tokens, lam, rng, temperature,
-            *, max_decode_len, top_k, top_p, chunk_size):
-    model = models.EncoderDecoderModel(config)
-    cache = _init_caches(model, params_ref, params_aligned, encoder_input_tokens, max_decode_len)
+def _sample(model, params_ref, params_aligned, cache, lam, rng, temperature, *, max_decode_len,
+            top_k, top_p, chunk_size) -> DeraOutput:
+    """`decoding.sample` of the two-model step; temperature None is greedy."""
     out = decoding.sample(
         tokens_to_logits(model, params_ref, params_aligned, lam), cache, rng,
-        batch_size=encoder_input_tokens.shape[0], max_decode_len=max_decode_len,
-        eos_id=models.EOS_ID, start_id=models.DECODER_START_ID,
+        batch_size=lam.shape[0], max_decode_len=max_decode_len, eos_id=models.EOS_ID,
+        start_id=models.DECODER_START_ID,
         temperature=0.0 if temperature is None else temperature, top_k=top_k, top_p=top_p,
         chunk_size=chunk_size)
     return _as_output(out)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_decode_len", "top_k", "top_p",
-                                             "chunk_size"))
+_STATIC = ("config", "max_decode_len", "top_k", "top_p", "chunk_size")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _decode(config, params_ref, params_aligned, encoder_input_tokens, lam, rng, temperature,
+            **static):
+    model = models.EncoderDecoderModel(config)
+    cache = _init_caches(model, params_ref, params_aligned, encoder_input_tokens,
+                         static["max_decode_len"])
+    return _sample(model, params_ref, params_aligned, cache, lam, rng, temperature, **static)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def _sweep(config, params_ref, params_aligned, encoder_input_tokens, lambdas, rng, temperature,
-           *, max_decode_len, top_k, top_p, chunk_size):
+           **static):
     model = models.EncoderDecoderModel(config)
     # Encoder passes and cross-attention keys / values: once per parameter set.
-    cache = _init_caches(model, params_ref, params_aligned, encoder_input_tokens, max_decode_len)
+    cache = _init_caches(model, params_ref, params_aligned, encoder_input_tokens,
+                         static["max_decode_len"])
     batch = encoder_input_tokens.shape[0]
 
     def decode_one(lam_value):
         lam = jnp.full((batch,), lam_value, jnp.float32)
-        out = decoding.sample(
-            tokens_to_logits(model, params_ref, params_aligned, lam), cache, rng,
-            batch_size=batch, max_decode_len=max_decode_len, eos_id=models.EOS_ID,
-            start_id=models.DECODER_START_ID,
-            temperature=0.0 if temperature is None else temperature, top_k=top_k, top_p=top_p,
-            chunk_size=chunk_size)
-        return _as_output(out)
+        return _sample(model, params_ref, params_aligned, cache, lam, rng, temperature, **static)
 
     # The shared cache enters unbatched: only the growing self-attention K/V
     # and the per-step activations get the [K] axis.
