@@ -2,8 +2,9 @@
 safetensors, and T5X checkpoints. Nothing here ever unpickles.
 
 - `save_params(path, params)` / `restore_params(path, target=None)`: orbax.
-- `load_hf_t5(path) -> (T5Config, params)`: a Hugging Face T5 directory
-  (`config.json` + `model.safetensors` or a sharded safetensors index).
+- `load_hf(path) -> (config, params)`: a Hugging Face directory
+  (`config.json` + `model.safetensors` or a sharded safetensors index) of
+  any family; `load_hf_t5(path)` the same for T5 only.
 - `load_t5x_checkpoint(path, config) -> params`: a T5X checkpoint, local or
   `gs://`: the legacy msgpack `checkpoint` file whose large arrays live in
   tensorstore / zarr folders named by their dotted path; the orbax-era layout
@@ -13,12 +14,11 @@ safetensors, and T5X checkpoints. Nothing here ever unpickles.
 - `load_params(spec, config)`: any of the above, told apart by what the path
   holds, checked against `config`.
 
-Parameters come back as float32 numpy arrays in the tree of `network.py`.
+Parameters come back as float32 numpy arrays in the family's tree.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import pathlib
 from typing import Any
@@ -32,7 +32,9 @@ import safetensors.numpy
 import tensorstore as ts
 
 from dera_t5x import models
-from dera_t5x import network
+from dera_t5x.models.decoder_only import hf as decoder_only_hf
+from dera_t5x.models.t5 import hf as t5_hf
+from dera_t5x.models.t5 import network
 
 Params = Any
 _PLACEHOLDER = "PLACEHOLDER://"  # An array stored beside the msgpack (orbax-era T5X).
@@ -41,12 +43,9 @@ _ARCHITECTURE_FIELDS = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_d
                         "num_encoder_layers", "num_decoder_layers", "mlp_activations",
                         "logits_via_embedding", "relative_attention_num_buckets",
                         "relative_attention_max_distance", "layer_norm_epsilon")
-# Hugging Face activation names (after `gated-`) -> ours. HF's "gelu" is the
-# exact erf GELU; "gated-gelu" is special-cased to the tanh form (gelu_new).
-_HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu_exact", "gelu_new": "gelu",
-                   "gelu_pytorch_tanh": "gelu", "silu": "silu", "swish": "silu"}
-# Tensors that transformers itself ignores in T5 checkpoints.
-_HF_IGNORED = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
+# model_type in config.json -> the family module that reads its tensors.
+_HF_FAMILIES = {"t5": t5_hf, "llama": decoder_only_hf, "mistral": decoder_only_hf,
+                "qwen2": decoder_only_hf}
 # Other weight files that Hugging Face directories may hold, none of them read here.
 _HF_OTHER_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5",
                      "flax_model.msgpack", "model.ckpt.index")
@@ -100,33 +99,9 @@ def restore_params(path: str | pathlib.Path, target: Params | None = None) -> Pa
 # --------------------------------------------------------------------- checks
 
 
-@functools.lru_cache(maxsize=16)
-def expected_shapes(config: network.T5Config) -> dict[str, tuple[int, ...]]:
-    """'encoder/layers_0/attention/query/kernel' -> shape, for a config (cached)."""
-    shapes = jax.eval_shape(models.EncoderDecoderModel(config).init, jax.random.PRNGKey(0))
-    flat = flax.traverse_util.flatten_dict(shapes, sep="/")
-    return {name: tuple(value.shape) for name, value in flat.items()}
-
-
-def check_params(params: Params, config: network.T5Config, source: str) -> Params:
-    """Checks names and shapes against the config; errors name the parameter.
-
-    Returns:
-      `params`, unchanged.
-    """
-    flat = flax.traverse_util.flatten_dict(params, sep="/")
-    expected = expected_shapes(config)
-    missing = sorted(set(expected) - set(flat))
-    unexpected = sorted(set(flat) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{source} does not match the model config: missing parameters "
-                         f"{missing[:5]}, unexpected parameters {unexpected[:5]}. Check that "
-                         "the T5Config (gin) describes the checkpoint's architecture.")
-    for name, shape in expected.items():
-        if tuple(np.shape(flat[name])) != shape:
-            raise ValueError(f"{source}: parameter {name} has shape {tuple(np.shape(flat[name]))}"
-                             f" but the model config expects {shape}.")
-    return params
+def check_params(params: Params, config: Any, source: str) -> Params:
+    """`models.for_config(config).check_params`: names and shapes; returns params."""
+    return models.for_config(config).check_params(params, source)
 
 
 def _float32(tree: Params) -> Params:
@@ -134,42 +109,6 @@ def _float32(tree: Params) -> Params:
 
 
 # --------------------------------------------------------------- Hugging Face
-
-
-def _hf_config(config_json: dict[str, Any], path: pathlib.Path) -> network.T5Config:
-    """Our T5Config from a Hugging Face T5 `config.json` dict."""
-    where = path / "config.json"
-    model_type = config_json.get("model_type")
-    if model_type != "t5":
-        raise ValueError(f"{where} describes model_type {model_type!r}, not a T5 model; "
-                         "only T5 checkpoints (model_type 't5') can be loaded.")
-    projection = config_json.get("feed_forward_proj", "relu")
-    gated = projection.startswith("gated-")
-    name = projection.removeprefix("gated-")
-    activation = "gelu" if projection == "gated-gelu" else _HF_ACTIVATIONS.get(name)
-    if activation is None:
-        raise ValueError(f"{where}: feed_forward_proj {projection!r} is not supported; use "
-                         f"one of {sorted(_HF_ACTIVATIONS)}, optionally with 'gated-'.")
-    missing = [k for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers")
-               if k not in config_json]
-    if missing:
-        raise ValueError(f"{where} lacks {missing}; a T5 config.json needs them.")
-    num_layers = config_json["num_layers"]
-    # transformers 5 writes tie_word_embeddings=True for every T5 and keeps the
-    # output scaling (T5.1.0's tied, scaled logits) in scale_decoder_outputs.
-    scaled = config_json.get("scale_decoder_outputs",
-                             config_json.get("tie_word_embeddings", True) is not False)
-    return network.T5Config(
-        vocab_size=config_json["vocab_size"], emb_dim=config_json["d_model"],
-        num_heads=config_json["num_heads"], head_dim=config_json["d_kv"],
-        mlp_dim=config_json["d_ff"], num_encoder_layers=num_layers,
-        num_decoder_layers=config_json.get("num_decoder_layers") or num_layers,
-        mlp_activations=(activation, "linear") if gated else (activation,),
-        logits_via_embedding=bool(scaled),
-        dropout_rate=config_json.get("dropout_rate", 0.1),
-        relative_attention_num_buckets=config_json.get("relative_attention_num_buckets", 32),
-        relative_attention_max_distance=config_json.get("relative_attention_max_distance", 128),
-        layer_norm_epsilon=config_json.get("layer_norm_epsilon", 1e-6))
 
 
 def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
@@ -196,73 +135,34 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json.")
 
 
-def _hf_names(config: network.T5Config) -> dict[str, tuple[str, bool]]:
-    """Our parameter name -> (Hugging Face tensor name, transpose?), without the
-    embedding and the output layer (see `load_hf_t5`)."""
-    names = {}
-    attn = {"query": "q", "key": "k", "value": "v", "out": "o"}
-    mlp = (["wi"] if len(config.mlp_activations) == 1
-           else [f"wi_{i}" for i in range(len(config.mlp_activations))]) + ["wo"]
-    for stack, num_layers in (("encoder", config.num_encoder_layers),
-                              ("decoder", config.num_decoder_layers)):
-        # [buckets, heads] in PyTorch, [heads, buckets] here.
-        names[f"{stack}/relpos_bias/rel_embedding"] = (
-            f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", True)
-        final = "encoder_norm" if stack == "encoder" else "decoder_norm"
-        names[f"{stack}/{final}/scale"] = (f"{stack}.final_layer_norm.weight", False)
-        if stack == "encoder":
-            blocks = [("attention", "pre_attention_layer_norm", "SelfAttention")]
-        else:
-            blocks = [("self_attention", "pre_self_attention_layer_norm", "SelfAttention"),
-                      ("encoder_decoder_attention", "pre_cross_attention_layer_norm",
-                       "EncDecAttention")]
-        for i in range(num_layers):
-            prefix, hf = f"{stack}/layers_{i}", f"{stack}.block.{i}.layer"
-            for j, (ours, norm, theirs) in enumerate(blocks):
-                names[f"{prefix}/{norm}/scale"] = (f"{hf}.{j}.layer_norm.weight", False)
-                for a, b in attn.items():
-                    # torch Linear weights are [out, in]; our kernels [in, out].
-                    names[f"{prefix}/{ours}/{a}/kernel"] = (f"{hf}.{j}.{theirs}.{b}.weight", True)
-            j = len(blocks)
-            names[f"{prefix}/pre_mlp_layer_norm/scale"] = (f"{hf}.{j}.layer_norm.weight", False)
-            for w in mlp:
-                names[f"{prefix}/mlp/{w}/kernel"] = (f"{hf}.{j}.DenseReluDense.{w}.weight", True)
-    return names
+def load_hf(path: str | pathlib.Path, dtype: str | None = None) -> tuple[Any, Params]:
+    """Reads a Hugging Face directory into (config, params) for its `model_type`.
 
+    The directory holds `config.json` and `model.safetensors` (or a sharded
+    `model.safetensors.index.json`); each family maps the tensor names
+    (`models/<family>/hf.py`).
 
-def _hf_embedding_name(tensors: dict[str, np.ndarray], config: network.T5Config,
-                      path: pathlib.Path) -> str:
-    """The tensor holding the one token embedding; all tensors tied to it must equal it."""
-    tied = ["shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]
-    if config.logits_via_embedding:
-        tied.append("lm_head.weight")
-    present = [name for name in tied if name in tensors]
-    if not present:
-        raise ValueError(f"{path}: tensor shared.weight (for token_embedder/embedding) is "
-                         f"missing, and so are {tied[1:]}.")
-    embedding = tensors[present[0]]
-    for name in present[1:]:
-        if tensors[name].shape != embedding.shape or not np.array_equal(tensors[name],
-                                                                        embedding):
-            what = ("tied, scaled output logits (T5.1.0; config.json has tie_word_embeddings "
-                    "true)" if name == "lm_head.weight" else "encoder and decoder inputs")
-            raise ValueError(f"{path}: {name} differs from {present[0]}, but this network "
-                             f"uses one token embedding for {what}; such a checkpoint is not "
-                             "supported.")
-    return present[0]
-
-
-def _hf_tensor(tensors: dict[str, np.ndarray], theirs: str, ours: str, transpose: bool,
-               expected: tuple[int, ...], path: pathlib.Path) -> np.ndarray:
-    if theirs not in tensors:
-        raise ValueError(f"{path}: tensor {theirs} (for {ours}) is missing.")
-    value = np.asarray(tensors[theirs], np.float32)
-    result = np.ascontiguousarray(value.T) if transpose else value
-    if result.shape != expected:
-        raise ValueError(f"{path}: tensor {theirs} has shape {value.shape}, so parameter "
-                         f"{ours} has shape {result.shape} but the model config "
-                         f"expects {expected}.")
-    return result
+    Raises:
+      FileNotFoundError: no such directory, no config.json or no weights.
+      ValueError: an unknown model_type, weights only as pickles, or tensors
+        missing, unexpected or of the wrong shape (named in the message).
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No checkpoint at {path}.")
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json).")
+    config_json = json.loads((path / "config.json").read_text())
+    model_type = config_json.get("model_type")
+    family = _HF_FAMILIES.get(model_type)
+    if family is None:
+        raise ValueError(f"{path / 'config.json'} describes model_type {model_type!r}, not a "
+                         f"T5 or another supported family; the supported model types are "
+                         f"{sorted(_HF_FAMILIES)}.")
+    config = family.config_from_hf(config_json, path)
+    # dtype: the parameters' dtype where the family supports one (None: float32).
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    return config, family.params_from_hf(_read_safetensors(path), config, path, **kwargs)
 
 
 def load_hf_t5(path: str | pathlib.Path) -> tuple[network.T5Config, Params]:
@@ -288,35 +188,11 @@ def load_hf_t5(path: str | pathlib.Path) -> tuple[network.T5Config, Params]:
         unexpected or of the wrong shape (named in the message).
     """
     path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"No checkpoint at {path}.")
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} is not a Hugging Face T5 directory (no config.json).")
-    config = _hf_config(json.loads((path / "config.json").read_text()), path)
-    tensors = _read_safetensors(path)
-    expected = expected_shapes(config)
-    embedding = _hf_embedding_name(tensors, config, path)
-    flat = {"token_embedder/embedding": _hf_tensor(
-        tensors, embedding, "token_embedder/embedding", False,
-        expected["token_embedder/embedding"], path)}
-    used = {"shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
-            *_HF_IGNORED}
-    for ours, (theirs, transpose) in _hf_names(config).items():
-        flat[ours] = _hf_tensor(tensors, theirs, ours, transpose, expected[ours], path)
-        used.add(theirs)
-    head = "lm_head.weight" if "lm_head.weight" in tensors else embedding
-    used.add(head)
-    if not config.logits_via_embedding:
-        flat["decoder/logits_dense/kernel"] = _hf_tensor(
-            tensors, head, "decoder/logits_dense/kernel", True,
-            expected["decoder/logits_dense/kernel"], path)
-    unexpected = sorted(set(tensors) - used)
-    if unexpected:
-        raise ValueError(f"{path}: unexpected tensors {unexpected[:8]} (of {len(unexpected)}) "
-                         "that the T5 described by config.json does not have; check "
-                         "num_layers, num_decoder_layers and feed_forward_proj there.")
-    params = flax.traverse_util.unflatten_dict(flat, sep="/")
-    return config, check_params(params, config, str(path))
+    config, params = load_hf(path)
+    if not isinstance(config, network.T5Config):
+        raise ValueError(f"{path} holds a {type(config).__name__} model, not a T5; use "
+                         "checkpoints.load_hf for any family.")
+    return config, params
 
 
 # ------------------------------------------------------------------------ T5X

@@ -32,9 +32,9 @@ raised before the first compile and before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import pathlib
@@ -49,8 +49,10 @@ import seqio
 import tqdm
 
 from dera_t5x import checkpoints
+from dera_t5x import gin_utils
+from dera_t5x import jsonl
 from dera_t5x import models
-from dera_t5x import network
+from dera_t5x import partitioning
 from dera_t5x import realign
 from dera_t5x.data import pipeline
 from dera_t5x.data import tasks
@@ -143,7 +145,7 @@ def _encode(vocabulary: seqio.Vocabulary, texts: Sequence[str], inputs_length: i
     for row, text in enumerate(texts):
         ids = list(vocabulary.encode(text))
         num_truncated += len(ids) + 1 > inputs_length
-        ids = ids[:inputs_length - 1] + [models.EOS_ID]
+        ids = ids[:inputs_length - 1] + [vocabulary.eos_id]
         tokens[row, :len(ids)] = ids
     return Inputs(tuple(texts), tokens, num_truncated)
 
@@ -151,27 +153,13 @@ def _encode(vocabulary: seqio.Vocabulary, texts: Sequence[str], inputs_length: i
 def read_jsonl_inputs(path: str, vocabulary: seqio.Vocabulary, *, text_field: str,
                       prefix: str, inputs_length: int) -> Inputs:
     """Inputs from a JSON-lines file (blank lines skipped), `prefix` + `text_field`."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Input file not found: {path}. Fix: pass the path of an "
-                                "existing JSON-lines file as --input_file.")
-    texts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {number} is not valid JSON ({e}).") from e
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(f"{path}: line {number} has no string field {text_field!r} "
-                                 f"(has {fields}). Fix: pass --text_field=<the field holding "
-                                 "the input text>.")
-            texts.append(prefix + record[text_field])
-    if not texts:
-        raise ValueError(f"{path}: the input file is empty. Fix: give one JSON object per line.")
-    return _encode(vocabulary, texts, inputs_length)
+    try:
+        records = jsonl.read_records(path, (text_field,), kind="input")
+    except ValueError as e:
+        raise ValueError(f"{e} (--input_file; the text is read from --text_field="
+                         f"{text_field}.)") from None
+    return _encode(vocabulary, [prefix + record[text_field] for record in records],
+                   inputs_length)
 
 
 def read_task_inputs(task_name: str, split: str, inputs_length: int) -> Inputs:
@@ -186,40 +174,28 @@ def _is_hf_dir(spec: str) -> bool:
     return not spec.startswith("gs://") and (pathlib.Path(spec) / "config.json").exists()
 
 
-def _gin_model_config() -> network.T5Config | None:
-    """The `MODEL_CONFIG` gin macro, if a model gin file bound it."""
-    try:
-        value = gin.query_parameter("%MODEL_CONFIG")
-    except ValueError:
-        return None
-    if isinstance(value, gin.config.ConfigurableReference):
-        value = value.scoped_configurable_fn()
-    if not isinstance(value, network.T5Config):
-        raise ValueError(f"The gin macro MODEL_CONFIG must be a network.T5Config, got {value!r}.")
-    return value
-
-
-def load_models(ref_checkpoint: str, aligned_checkpoint: str,
-                model_config: network.T5Config | None) -> tuple[network.T5Config, Params, Params]:
-    """(config, params_ref, params_aligned), checked compatible.
+def load_models(ref_checkpoint: str, aligned_checkpoint: str, model_config: Any | None
+                ) -> tuple[models.Model, Params, Params]:
+    """(model, params_ref, params_aligned), checked compatible.
 
     The config is `model_config` if given, else gin's `MODEL_CONFIG`, else
     the `config.json` of whichever checkpoint is a Hugging Face directory.
     """
-    config = model_config or _gin_model_config()
+    config = model_config or gin_utils.model_config(required=False)
     loaded: dict[str, Params] = {}
     if config is None:
         hf = [spec for spec in (ref_checkpoint, aligned_checkpoint) if _is_hf_dir(spec)]
         if not hf:
             raise ValueError(
                 "No model config: pass the model's gin file (e.g. --gin_file=gin/models/"
-                "t5_tiny.gin, which binds MODEL_CONFIG), or use a Hugging Face T5 directory "
-                "(with config.json) as a checkpoint.")
-        config, loaded[hf[0]] = checkpoints.load_hf_t5(hf[0])
+                "t5_tiny.gin, which binds MODEL_CONFIG), or use a Hugging Face model "
+                "directory (with config.json) as a checkpoint.")
+        config, loaded[hf[0]] = checkpoints.load_hf(hf[0])
     params = [loaded[spec] if spec in loaded else checkpoints.load_params(spec, config)
               for spec in (ref_checkpoint, aligned_checkpoint)]
-    realign.check_compatible(config, *params)
-    return config, params[0], params[1]
+    model = models.for_config(config)
+    realign.check_compatible(model, *params)
+    return model, params[0], params[1]
 
 
 def _checkpoint_id(spec: str) -> str:
@@ -231,91 +207,11 @@ def _record(index: int, text: str, lam: float, out: realign.DeraOutput, k: int, 
     length = int(out.lengths[k, row])
     token_ids = [int(t) for t in out.tokens[k, row, :length]]
     record = {"index": index, "input": text, "lambda": lam,
-              "text": vocabulary.decode(token_ids), "token_ids": token_ids, "length": length}
+              "text": vocabularies.detokenize(vocabulary, [token_ids])[0],
+              "token_ids": token_ids, "length": length}
     for name in LOG_PROB_FIELDS:
         record[name] = [float(x) for x in getattr(out, name)[k, row, :length]]
     return record
-
-
-class _OutputFile:
-    """The append-only output file and its resume logic."""
-
-    def __init__(self, path: str, header: dict[str, Any], lambdas: Sequence[float],
-                 batch_size: int, num_inputs: int):
-        self.path = path
-        self.header = json.loads(json.dumps(header))  # as it reads back from the file
-        self.lambdas = list(lambdas)
-        self.batch_size = batch_size
-        self.num_inputs = num_inputs
-
-    def _foreign(self, what: str) -> ValueError:
-        return ValueError(f"{self.path} {what}. Nothing was written. Fix: pass a new "
-                          "--output_file, or delete this file to start over.")
-
-    def completed_inputs(self) -> tuple[int, int]:
-        """Checks an existing file against this job, without changing it.
-
-        Returns:
-          (inputs done, byte offset where they end); (0, -1) if there is no
-          file yet (or it is empty).
-        """
-        if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
-            return 0, -1
-        with open(self.path, "rb") as f:
-            lines = f.read().split(b"\n")
-        complete = lines[:-1]  # the last piece is empty or a partial line
-        try:
-            header = json.loads(complete[0])["header"] if complete else None
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            header = None
-        if not isinstance(header, dict):
-            raise self._foreign("exists but is not the output of a decode job (no header line)")
-        differing = sorted(k for k in set(header) | set(self.header)
-                           if header.get(k) != self.header.get(k))
-        if differing:
-            details = "; ".join(f"{k}: {header.get(k)!r} in the file, {self.header.get(k)!r} now"
-                                for k in differing)
-            raise self._foreign(f"holds the output of a job with other settings ({details})")
-        records = complete[1:]
-        k = len(self.lambdas)
-        if len(records) > self.num_inputs * k:
-            raise self._foreign(f"has {len(records)} lines, more than this job writes "
-                                f"({self.num_inputs} x {k})")
-        for n, line in enumerate(records):
-            try:
-                record = json.loads(line)
-                ok = (record["index"] == n // k and record["lambda"] == self.lambdas[n % k])
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-                ok = False
-            if not ok:
-                raise self._foreign(f"line {n + 2} is not the expected line of this job "
-                                    f"(input {n // k}, lambda {self.lambdas[n % k]})")
-        if len(records) == self.num_inputs * k:
-            done = self.num_inputs
-        else:  # Only whole batches count: batch i's samples depend on its rows and i.
-            done = len(records) // (k * self.batch_size) * self.batch_size
-        offset = sum(len(line) + 1 for line in complete[:1 + done * k])
-        return done, offset
-
-    def open(self, offset: int):
-        """Opens for appending after `offset` (writing the header if -1)."""
-        if offset < 0:
-            parent = os.path.dirname(os.path.abspath(self.path))
-            os.makedirs(parent, exist_ok=True)
-            f = open(self.path, "w", encoding="utf-8")
-            self.write(f, [json.dumps({"header": self.header}, ensure_ascii=False)])
-            return f
-        if offset < os.path.getsize(self.path):
-            logging.info("Dropping %d bytes of an unfinished batch from %s.",
-                         os.path.getsize(self.path) - offset, self.path)
-            os.truncate(self.path, offset)
-        return open(self.path, "a", encoding="utf-8")
-
-    @staticmethod
-    def write(f, lines: Sequence[str]) -> None:
-        f.write("".join(line + "\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 @gin.configurable(denylist=["ref_checkpoint", "aligned_checkpoint", "output_file"])
@@ -324,8 +220,8 @@ def run(ref_checkpoint: str, aligned_checkpoint: str, output_file: str, *,
         task: str = "xsum_bundled", split: str | None = None, text_field: str = "document",
         add_prefix: bool = True, inputs_length: int = 512, batch_size: int = 16,
         max_decode_len: int = 64, temperature: float = 1.0, top_k: int = 0,
-        top_p: float = 1.0, seed: int = 0,
-        model_config: network.T5Config | None = None) -> Summary:
+        top_p: float = 1.0, seed: int = 0, model_config: Any | None = None,
+        mesh_shape: Sequence[int] | None = None) -> Summary:
     """Decodes every input for every lambda into `output_file` (resumable).
 
     Args:
@@ -349,6 +245,12 @@ def run(ref_checkpoint: str, aligned_checkpoint: str, output_file: str, *,
       seed: batch i samples with `fold_in(PRNGKey(seed), i)`.
       model_config: the architecture; None takes gin's `MODEL_CONFIG`, else a
         Hugging Face checkpoint's config.json.
+      mesh_shape: (data, model): inputs over 'data', parameters and caches
+        over 'model' (`partitioning`); None uses every device on 'data' when
+        there are several. batch_size must divide over 'data'. Multi-host:
+        every host runs the job with the same flags and an output path all
+        can read (a shared file system); each decodes its rows, process 0
+        writes every record.
 
     Returns:
       The job's summary (printable).
@@ -356,6 +258,7 @@ def run(ref_checkpoint: str, aligned_checkpoint: str, output_file: str, *,
     start = time.perf_counter()
     lambdas = parse_lambdas(lambdas)
     _check_settings(batch_size, max_decode_len, inputs_length, seed, temperature, top_k, top_p)
+    partitioner = _partitioner(mesh_shape, batch_size)
     if (input_file is None) == (split is None):
         raise ValueError("Pass exactly one input: --input_file=<file.jsonl> or --split=<split "
                          f"of --task={task}>.")
@@ -369,8 +272,9 @@ def run(ref_checkpoint: str, aligned_checkpoint: str, output_file: str, *,
     else:
         inputs = read_task_inputs(task, split, inputs_length)
         source = {"split": split}
-    config, params_ref, params_aligned = load_models(ref_checkpoint, aligned_checkpoint,
-                                                     model_config)
+    model, params_ref, params_aligned = load_models(ref_checkpoint, aligned_checkpoint,
+                                                    model_config)
+    config = model.config
     vocabularies.check_vocab_fits(vocabulary, config.vocab_size)
     if vocabularies.model_vocab_size(vocabulary) != config.vocab_size:
         logging.warning("The vocabulary of task %s (%d pieces) looks too small for the model "
@@ -378,6 +282,8 @@ def run(ref_checkpoint: str, aligned_checkpoint: str, output_file: str, *,
                         "checkpoints)?", task, vocabulary.vocab_size, config.vocab_size)
     if top_k > config.vocab_size:
         raise ValueError(f"top_k={top_k} exceeds the vocabulary ({config.vocab_size}).")
+    if partitioner is not None:
+        partitioner = partitioning.Partitioner(mesh_shape, model.param_axes)
 
     num_inputs = len(inputs.texts)
     header = {
@@ -389,7 +295,7 @@ def run(ref_checkpoint: str, aligned_checkpoint: str, output_file: str, *,
         "inputs_length": inputs_length, "num_inputs": num_inputs,
         "inputs_sha256": hashlib.sha256(inputs.tokens.tobytes()).hexdigest(),
     }
-    output = _OutputFile(output_file, header, lambdas, batch_size, num_inputs)
+    output = jsonl.ResumableOutput(output_file, header, lambdas, batch_size, num_inputs)
     done, offset = output.completed_inputs()
     summary = dict(output_file=output_file, num_inputs=num_inputs, num_lambdas=len(lambdas),
                    resumed_inputs=done, num_truncated=inputs.num_truncated,
@@ -397,28 +303,51 @@ def run(ref_checkpoint: str, aligned_checkpoint: str, output_file: str, *,
     if done == num_inputs:
         return Summary(**summary, seconds=time.perf_counter() - start)
 
-    model = models.EncoderDecoderModel(config)
-    params_ref, params_aligned = jax.device_put((params_ref, params_aligned))
-    key = jax.random.PRNGKey(seed)
     first_batch = done // batch_size
     num_batches = -(-num_inputs // batch_size)
-    lambdas_array = np.asarray(lambdas, np.float32)
-    batches = pipeline.eval_batches({"encoder_input_tokens": inputs.tokens[done:]}, batch_size)
-    with output.open(offset) as f, tqdm.tqdm(total=num_batches, initial=first_batch,
-                                             unit="batch", desc="DeRa decoding") as progress:
-        for i, (batch, mask) in enumerate(batches, start=first_batch):
-            out = realign.dera_sweep(
-                model, params_ref, params_aligned, batch["encoder_input_tokens"],
-                lambdas_array, max_decode_len=max_decode_len, rng=jax.random.fold_in(key, i),
-                temperature=temperature, top_k=top_k, top_p=top_p)
-            out = jax.device_get(out)
+    writer = jax.process_index() == 0
+    sweeps = realign.sweep_batches(
+        model, params_ref, params_aligned, inputs.tokens, lambdas, batch_size=batch_size,
+        seed=seed, first_batch=first_batch, partitioner=partitioner,
+        max_decode_len=max_decode_len, temperature=temperature, top_k=top_k, top_p=top_p)
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(output.open(offset)) if writer else None
+        progress = stack.enter_context(tqdm.tqdm(
+            total=num_batches, initial=first_batch, unit="batch", desc="DeRa decoding",
+            disable=not writer))
+        for i, rows, out in sweeps:
             lines = []
-            for row in np.flatnonzero(mask):
+            for row in rows:
                 index = i * batch_size + int(row)
                 for k, lam in enumerate(lambdas):
-                    record = _record(index, inputs.texts[index], lam, out, k, int(row),
-                                     vocabulary)
-                    lines.append(json.dumps(record, ensure_ascii=False))
-            output.write(f, lines)
+                    lines.append(_strict_line(
+                        _record(index, inputs.texts[index], lam, out, k, int(row), vocabulary),
+                        ref_checkpoint, aligned_checkpoint, i))
+            if writer:
+                output.write(f, lines)
             progress.update(1)
     return Summary(**summary, seconds=time.perf_counter() - start)
+
+
+def _partitioner(mesh_shape: Sequence[int] | None, batch_size: int
+                 ) -> partitioning.Partitioner | None:
+    """Checks the mesh and the batch size against it (before any loading);
+    the model's parameter rules are added once the model is known."""
+    partitioner = partitioning.partitioner_for(mesh_shape)
+    if partitioner is not None:
+        partitioner.check_batch_size(batch_size)
+    return partitioner
+
+
+def _strict_line(record: dict[str, Any], ref_checkpoint: str, aligned_checkpoint: str,
+                 batch: int) -> str:
+    """The record as strict JSON; a non-finite log-prob stops the job (what was
+    written so far stays)."""
+    try:
+        return jsonl.dumps(record)
+    except ValueError:
+        raise FloatingPointError(
+            f"Non-finite log-probs in batch {batch} (input {record['index']}, lambda "
+            f"{record['lambda']}): the checkpoints {ref_checkpoint} and {aligned_checkpoint} "
+            "give NaN or infinite logits. The records of earlier batches are intact; check "
+            "the checkpoints.") from None

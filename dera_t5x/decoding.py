@@ -10,7 +10,7 @@ arguments of the jitted function.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -79,27 +79,31 @@ def filter_logits(logits: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
 
 
 def sample(tokens_to_logits: TokensToLogits, init_cache: Any, rng: Array, *,
-           batch_size: int, max_decode_len: int, eos_id: int = 1, start_id: int = 0,
+           batch_size: int, max_decode_len: int, eos_id: int | Sequence[int] = 1,
+           start_id: int | Array = 0, initial: tuple[Array, dict[str, Array]] | None = None,
            temperature: float | Array = 1.0, top_k: int = 0, top_p: float = 1.0,
            chunk_size: int | None = None) -> DecodeOutput:
     """Samples up to `max_decode_len` tokens per row.
 
-    Step t feeds the previous tokens (start_id at t = 0, then what was chosen;
-    a row that has ended, by emitting eos_id, is fed 0), samples from
-    filter_logits(logits / temperature) with key `fold_in(rng, t)`, and forces
-    the output of ended rows to 0. A result therefore depends only on rng and
-    the logits, not on how `tokens_to_logits` computes them.
+    Step t samples from filter_logits(logits_t / temperature) with key
+    `fold_in(rng, t)`, forces the output of ended rows to 0, then feeds the
+    chosen tokens (0 for a row that has ended, by emitting an EOS) to get
+    logits_{t+1}. logits_0 are `initial` (a model's prefill) or come from
+    feeding `start_id`. A result therefore depends only on rng and the
+    logits, not on how `tokens_to_logits` computes them.
 
     Args:
       tokens_to_logits: (tokens [batch] int32, cache) -> (logits [batch,
         vocab], new cache, aux {name: [batch, vocab] logits of another
         distribution, normalized here}); aux may be empty.
-      init_cache: any pytree; every row shares its step index.
+      init_cache: any pytree; where each row is (its position) lives there.
       rng: a PRNG key.
       batch_size: static.
       max_decode_len: static, >= 1.
-      eos_id: the token that ends a row.
-      start_id: the token fed at step 0.
+      eos_id: the token, or tokens, that end a row.
+      start_id: the token fed at step 0 (scalar or [batch]) when `initial`
+        is None.
+      initial: (logits [batch, vocab], aux) of step 0, e.g. from a prefill.
       temperature: scalar or [batch], may be traced; 0 means greedy (argmax,
         lowest id on ties) for that row and ignores top-k / top-p. A batch
         that is all greedy draws no random numbers.
@@ -108,9 +112,10 @@ def sample(tokens_to_logits: TokensToLogits, init_cache: Any, rng: Array, *,
       chunk_size: static. None runs one scan of max_decode_len steps; an int
         runs a `while_loop` of scans of chunk_size steps that stops at the first
         chunk boundary where every row has ended (identical results, fewer
-        steps). The first max_decode_len % chunk_size steps run as their own
-        scan, which compiles the step a second time: a divisor of
-        max_decode_len avoids that.
+        steps). Step 0 runs before the loop; of the others, the first
+        (max_decode_len - 1) % chunk_size run as their own scan, which
+        compiles the step a second time: a divisor of max_decode_len - 1
+        avoids that.
 
     Returns:
       A `DecodeOutput`.
@@ -119,6 +124,7 @@ def sample(tokens_to_logits: TokensToLogits, init_cache: Any, rng: Array, *,
       ValueError: for bad static arguments or temperature, before tracing.
     """
     _check_arguments(batch_size, max_decode_len, top_k, top_p, chunk_size, temperature)
+    eos_ids = jnp.asarray(np.atleast_1d(np.asarray(eos_id, np.int32)))
     static_greedy = is_greedy(temperature)  # else a traced choice per call (lax.cond below)
     temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (batch_size,))
     greedy = ~(temperature > 0.0)  # [batch]
@@ -126,9 +132,8 @@ def sample(tokens_to_logits: TokensToLogits, init_cache: Any, rng: Array, *,
     safe_temperature = jnp.where(greedy, 1.0, temperature)[:, None]  # [batch, 1]
     filtering = bool(top_k) or top_p < 1.0
 
-    def step(carry, t):
-        tokens, cache, ended = carry
-        logits, cache, aux = tokens_to_logits(tokens, cache)
+    def choose(logits, aux, ended, t):
+        """Samples step t: (tokens fed next [batch], outputs, ended)."""
         _check_step_shapes(logits, aux, batch_size)
         scaled = logits.astype(jnp.float32) / safe_temperature  # [batch, vocab]
         filtered = scaled
@@ -151,33 +156,47 @@ def sample(tokens_to_logits: TokensToLogits, init_cache: Any, rng: Array, *,
 
         outputs = (chosen, log_prob(filtered),
                    {name: log_prob(value) for name, value in aux.items()})
-        ended = ended | (chosen == eos_id)
-        return (jnp.where(ended, 0, chosen), cache, ended), outputs
+        ended = ended | jnp.isin(chosen, eos_ids)
+        return jnp.where(ended, 0, chosen), outputs, ended
 
-    carry = (jnp.full((batch_size,), start_id, jnp.int32), init_cache,
-             jnp.zeros((batch_size,), bool))
-    if chunk_size is None:
-        _, outputs = jax.lax.scan(step, carry, jnp.arange(max_decode_len))
+    def step(carry, t):
+        tokens, cache, ended = carry
+        logits, cache, aux = tokens_to_logits(tokens, cache)
+        tokens, outputs, ended = choose(logits, aux, ended, t)
+        return (tokens, cache, ended), outputs
+
+    if initial is None:
+        start = jnp.broadcast_to(jnp.asarray(start_id, jnp.int32), (batch_size,))
+        logits, init_cache, aux = tokens_to_logits(start, init_cache)
     else:
-        outputs = _scan_with_early_exit(step, carry, max_decode_len,
-                                        min(chunk_size, max_decode_len))
+        logits, aux = initial
+    # Step 0 samples from the first logits; steps 1 .. max_decode_len - 1 feed, then sample.
+    tokens, first, ended = choose(logits, aux, jnp.zeros((batch_size,), bool), 0)
+    carry = (tokens, init_cache, ended)
+    steps = jnp.arange(1, max_decode_len)
+    if chunk_size is None or max_decode_len == 1:
+        _, outputs = jax.lax.scan(step, carry, steps)
+    else:
+        outputs = _scan_with_early_exit(step, carry, steps, min(chunk_size, max_decode_len - 1))
+    outputs = jax.tree_util.tree_map(lambda x0, xs: jnp.concatenate([x0[None], xs], axis=0),
+                                     first, outputs)
     tokens, log_probs, aux = jax.tree_util.tree_map(lambda x: x.T, outputs)
-    is_eos = tokens == eos_id  # [batch, max_decode_len]
+    is_eos = jnp.isin(tokens, eos_ids)  # [batch, max_decode_len]
     lengths = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1,
                         max_decode_len).astype(jnp.int32)
     return DecodeOutput(tokens, lengths, log_probs, aux)
 
 
-def _scan_with_early_exit(step: Callable, carry: Any, length: int, chunk_size: int) -> Any:
-    """The outputs of `lax.scan(step, carry, arange(length))`, stacked on axis 0,
-    skipping whole chunks once every row has ended (carry[2] all true).
+def _scan_with_early_exit(step: Callable, carry: Any, steps: Array, chunk_size: int) -> Any:
+    """The outputs of `lax.scan(step, carry, steps)`, stacked on axis 0,
+    skipping whole chunks once every row has ended (carry[-1] all true).
 
     Skipped steps are left 0, which is what the scan would output for rows
-    that have ended. `step` never runs past `length`.
+    that have ended. `step` never runs past the last of `steps`.
     """
+    length = steps.shape[0]
     head = length % chunk_size
     num_chunks = length // chunk_size
-    steps = jnp.arange(length)
     head_outputs = None
     if head:
         carry, head_outputs = jax.lax.scan(step, carry, steps[:head])
@@ -186,13 +205,14 @@ def _scan_with_early_exit(step: Callable, carry: Any, length: int, chunk_size: i
         lambda s: jnp.zeros((num_chunks * chunk_size,) + s.shape, s.dtype), out_shapes)
 
     def cond(state):
-        chunk, (_, _, ended), _ = state
-        return (chunk < num_chunks) & ~jnp.all(ended)
+        chunk, carry, _ = state
+        return (chunk < num_chunks) & ~jnp.all(carry[-1])
 
     def body(state):
         chunk, carry, buffers = state
         offset = chunk * chunk_size
-        carry, outputs = jax.lax.scan(step, carry, head + offset + jnp.arange(chunk_size))
+        carry, outputs = jax.lax.scan(
+            step, carry, jax.lax.dynamic_slice_in_dim(steps, head + offset, chunk_size))
         buffers = jax.tree_util.tree_map(
             lambda buf, out: jax.lax.dynamic_update_slice_in_dim(buf, out, offset, axis=0),
             buffers, outputs)
@@ -220,6 +240,12 @@ def is_greedy(temperature: float | Array) -> bool:
             and bool(np.all(np.asarray(temperature) == 0.0)))
 
 
+def check_lengths(max_decode_len: int) -> None:
+    """Raises ValueError unless max_decode_len is an int >= 1."""
+    if not isinstance(max_decode_len, (int, np.integer)) or max_decode_len < 1:
+        raise ValueError(f"max_decode_len must be an integer >= 1, got {max_decode_len!r}.")
+
+
 def _check_filters(top_k: int, top_p: float) -> None:
     if not isinstance(top_k, (int, np.integer)) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0 turns it off), got {top_k!r}.")
@@ -231,8 +257,7 @@ def _check_arguments(batch_size: int, max_decode_len: int, top_k: int, top_p: fl
                      chunk_size: int | None, temperature: float | Array) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if max_decode_len < 1:
-        raise ValueError(f"max_decode_len must be >= 1, got {max_decode_len}.")
+    check_lengths(max_decode_len)
     _check_filters(top_k, top_p)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, or None for no early exit; got {chunk_size}.")

@@ -8,21 +8,25 @@ All statistics are means over examples with their standard errors
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Sequence
+
 import numpy as np
 
 from dera_t5x import models
+from dera_t5x.training import rewards
 
 
-def _mean_and_sem(values: np.ndarray) -> tuple[float, float]:
+def mean_and_sem(values: np.ndarray) -> tuple[float, float]:
     values = np.asarray(values, np.float64)
     sem = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
     return float(values.mean()), float(sem)
 
 
-def summary_lengths(tokens: np.ndarray) -> np.ndarray:
+def summary_lengths(tokens: np.ndarray, eos_ids: Sequence[int] = (models.EOS_ID,)
+                    ) -> np.ndarray:
     """Tokens before EOS per row: [n, len] -> [n] (as the length reward counts)."""
-    tokens = np.asarray(tokens)
-    return np.sum((tokens != 0) & (tokens != models.EOS_ID), axis=-1)
+    return np.asarray(rewards.response_length(np.asarray(tokens), eos_ids)).astype(np.int64)
 
 
 def sequence_kl(log_probs: np.ndarray, ref_log_probs: np.ndarray) -> np.ndarray:
@@ -44,8 +48,51 @@ def summarize(tokens: np.ndarray, rewards: np.ndarray, log_probs: np.ndarray,
     for name, values in (("mean_length", summary_lengths(tokens)),
                          ("mean_reward", np.asarray(rewards)),
                          ("kl", sequence_kl(log_probs, ref_log_probs))):
-        out[name], out[name + "_sem"] = _mean_and_sem(values)
+        out[name], out[name + "_sem"] = mean_and_sem(values)
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRow:
+    """One model (or DeRa at one lambda) evaluated on a split: the row the
+    pipelines cache, compare and report.
+
+    Attributes:
+      lam: lambda (1.0 for a model evaluated alone); `lambda` in JSON.
+      mean_length, mean_reward, kl: means over samples, each with `*_sem`;
+        mean_reward is the reward the model was aligned with.
+      rewards: every named reward of the evaluation: name -> [mean, sem].
+      rouge: ROUGE-1 / 2 / L against the references (`rouge1`, ...).
+      samples: a few decoded texts, for the report's examples.
+      beta: the KL strength a retrained model was trained at (None: SFT).
+    """
+
+    lam: float
+    mean_length: float
+    mean_length_sem: float
+    mean_reward: float
+    mean_reward_sem: float
+    kl: float
+    kl_sem: float
+    rewards: dict[str, list[float]]
+    rouge: dict[str, float]
+    samples: list[str]
+    beta: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form: `lambda` for `lam`, ROUGE scores at the top level."""
+        row = dataclasses.asdict(self)
+        row["lambda"] = row.pop("lam")
+        row.update(row.pop("rouge"))
+        return row
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> "EvalRow":
+        row = dict(row)
+        row["lam"] = row.pop("lambda")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        row["rouge"] = {k: row.pop(k) for k in list(row) if k.startswith("rouge")}
+        return cls(**{k: v for k, v in row.items() if k in fields})
 
 
 def win_rate(rewards_a: np.ndarray, rewards_b: np.ndarray) -> float:

@@ -72,11 +72,19 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
     app.run(main_with_gin, argv=rest)
 
 
-def model_config() -> Any:
-    """The `network.T5Config` bound to the `MODEL_CONFIG` macro of the gin files."""
+def model_config(required: bool = True) -> Any:
+    """The model config bound to the `MODEL_CONFIG` macro of the gin files.
+
+    Args:
+      required: without a binding, raise (True) or return None (False).
+    """
     try:
-        reference = gin.query_parameter("%MODEL_CONFIG")
+        value = gin.query_parameter("%MODEL_CONFIG")
     except ValueError:
+        if not required:
+            return None
         raise ValueError("No MODEL_CONFIG in the gin config: add a gin file from gin/models/ "
                          "with --gin_file.") from None
-    return reference.scoped_configurable_fn()
+    if isinstance(value, gin.config.ConfigurableReference):
+        value = value.scoped_configurable_fn()
+    return value

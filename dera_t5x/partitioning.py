@@ -6,8 +6,9 @@ axis rules, as T5X's `PjitPartitioner` does:
 
     batch -> 'data';  heads, mlp, vocab -> 'model';  embed -> replicated
 
-Parameter paths name their logical axes (`PARAM_AXES`); a dimension that the
-mesh axis does not divide falls back to replication, so the same code runs on
+Each model family names the logical axes of its parameters
+(`Model.param_axes`) and of its decode cache (`Model.cache_axes`); a
+dimension that the mesh axis does not divide falls back to replication, so the same code runs on
 one CPU, 8 simulated devices or a TPU pod. Optimizer-state leaves that mirror
 a parameter (same path suffix, same shape) follow its sharding; others (e.g.
 Adafactor's factored moments) are replicated.
@@ -22,8 +23,7 @@ devices hold (`jax.make_array_from_process_local_data`).
 
 from __future__ import annotations
 
-import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import gin
 import jax
@@ -44,16 +44,9 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("embed", None),
 )
 
-# Regex over the '/'-joined parameter path -> logical axes of a 2-D kernel.
-PARAM_AXES: tuple[tuple[str, tuple[str, str]], ...] = (
-    (r"(attention|self_attention|encoder_decoder_attention)/(query|key|value)/kernel$",
-     ("embed", "heads")),
-    (r"(attention|self_attention|encoder_decoder_attention)/out/kernel$", ("heads", "embed")),
-    (r"mlp/wi(_\d+)?/kernel$", ("embed", "mlp")),
-    (r"mlp/wo/kernel$", ("mlp", "embed")),
-    (r"token_embedder/embedding$", ("vocab", "embed")),
-    (r"logits_dense/kernel$", ("embed", "vocab")),
-)
+# (parameter path '/'-joined, ndim) -> its logical axes; each model family
+# provides one (`Model.param_axes`).
+ParamAxes = Callable[[str, int], tuple[str | None, ...]]
 
 
 @gin.configurable
@@ -69,11 +62,17 @@ def initialize_distributed(enabled: bool = False, coordinator_address: str | Non
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
-def partitioner_for(mesh_shape: Sequence[int] | None) -> "Partitioner | None":
+def partitioner_for(mesh_shape: Sequence[int] | None, param_axes: ParamAxes | None = None
+                    ) -> "Partitioner | None":
     """A `Partitioner` when there is more than one device or a mesh is asked
-    for; None (plain single-device jit) otherwise."""
+    for; None (plain single-device jit) otherwise.
+
+    Args:
+      mesh_shape: (data, model), or None for every device on 'data'.
+      param_axes: the model family's `param_axes` (None: parameters replicated).
+    """
     if jax.device_count() > 1 or mesh_shape:
-        return Partitioner(mesh_shape)
+        return Partitioner(mesh_shape, param_axes)
     return None
 
 
@@ -81,15 +80,6 @@ def logical_to_mesh_axes(logical: Sequence[str | None]) -> tuple[str | None, ...
     """('embed', 'heads') -> (None, 'model') under `LOGICAL_RULES`."""
     rules = dict(LOGICAL_RULES)
     return tuple(rules.get(axis) if axis is not None else None for axis in logical)
-
-
-def param_logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
-    """The logical axes of the parameter at `path` ('decoder/.../kernel')."""
-    if ndim == 2:
-        for pattern, axes in PARAM_AXES:
-            if re.search(pattern, path):
-                return axes
-    return (None,) * ndim
 
 
 def _path_names(path: tuple) -> tuple[str, ...]:
@@ -106,20 +96,29 @@ def _path_names(path: tuple) -> tuple[str, ...]:
 class Partitioner:
     """Mesh, parameter / state / batch shardings for `mesh_shape=(data, model)`.
 
+    Partitioners are equal when their mesh shapes and parameter rules are:
+    they enter jitted functions as static arguments.
+
     Args:
       mesh_shape: (data, model) with data * model == number of devices; None
         puts every device on 'data' (pure data parallelism). Multi-host
         jobs call `initialize_distributed` before building one.
+      param_axes: the model family's `param_axes`; None replicates parameters.
 
     Raises:
       ValueError: a mesh shape that is not 2-D or does not use every device.
     """
 
-    def __init__(self, mesh_shape: Sequence[int] | None = None):
+    def __init__(self, mesh_shape: Sequence[int] | None = None,
+                 param_axes: ParamAxes | None = None):
         devices = jax.devices()
         if mesh_shape is None:
             mesh_shape = (len(devices), 1)
-        mesh_shape = tuple(int(d) for d in mesh_shape)
+        try:
+            mesh_shape = tuple(int(d) for d in mesh_shape)
+        except (TypeError, ValueError):
+            raise ValueError(f"mesh_shape must be (data, model) with positive sizes, got "
+                             f"{mesh_shape!r}.") from None
         if len(mesh_shape) != 2 or min(mesh_shape) < 1:
             raise ValueError(f"mesh_shape must be (data, model) with positive sizes, got "
                              f"{mesh_shape}.")
@@ -128,6 +127,21 @@ class Partitioner:
                              f"devices but there are {len(devices)}; use a shape whose product "
                              f"is {len(devices)}.")
         self.mesh = Mesh(np.asarray(devices).reshape(mesh_shape), (DATA_AXIS, MODEL_AXIS))
+        self.param_axes = param_axes
+
+    def _key(self) -> tuple:
+        return (self.mesh, self.param_axes)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Partitioner) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def _param_axes(self, path: str, ndim: int) -> tuple[str | None, ...]:
+        if self.param_axes is None:
+            return (None,) * ndim
+        return self.param_axes(path, ndim)
 
     @property
     def data_size(self) -> int:
@@ -145,7 +159,7 @@ class Partitioner:
         def sharding(path, leaf):
             name = "/".join(_path_names(path))
             shape = np.shape(leaf)
-            return NamedSharding(self.mesh, self._spec(param_logical_axes(name, len(shape)),
+            return NamedSharding(self.mesh, self._spec(self._param_axes(name, len(shape)),
                                                        shape))
 
         return jax.tree_util.tree_map_with_path(sharding, params)
@@ -160,7 +174,7 @@ class Partitioner:
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
             names = _path_names(path)
             by_path[names] = (np.shape(leaf), self._spec(
-                param_logical_axes("/".join(names), np.ndim(leaf)), np.shape(leaf)))
+                self._param_axes("/".join(names), np.ndim(leaf)), np.shape(leaf)))
 
         def sharding(path, leaf):
             names, shape = _path_names(path), np.shape(leaf)
@@ -176,9 +190,9 @@ class Partitioner:
         return NamedSharding(self.mesh, PartitionSpec())
 
     def state_shardings(self, state: Any) -> Any:
-        """Shardings for a `trainer.TrainState` (params, opt_state; step, rng replicated)."""
+        """Shardings for a `trainer.TrainState` (params, opt_state; scalars and rng replicated)."""
         return state.replace(
-            step=self.replicated(), rng=self.replicated(),
+            step=self.replicated(), rng=self.replicated(), skipped_batches=self.replicated(),
             params=self.param_shardings(state.params),
             opt_state=self.tree_shardings(state.opt_state, state.params))
 
@@ -195,6 +209,18 @@ class Partitioner:
         if ndim == 0:
             return self.replicated()
         return NamedSharding(self.mesh, PartitionSpec(DATA_AXIS, *([None] * (ndim - 1))))
+
+    def constrain(self, tree: Any, logical_axes: Any) -> Any:
+        """`with_sharding_constraint` of a tree (e.g. a decode cache) by its
+        logical axes (a tree of tuples like `tree`; inside jit)."""
+        def constrain_leaf(axes, leaf):
+            spec = self._spec(axes, np.shape(leaf))
+            return jax.lax.with_sharding_constraint(leaf, NamedSharding(self.mesh, spec))
+
+        def is_axes(x):
+            return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+        return jax.tree_util.tree_map(constrain_leaf, logical_axes, tree, is_leaf=is_axes)
 
     def check_batch_size(self, batch_size: int) -> None:
         """A clear error when the global batch does not split over 'data'."""

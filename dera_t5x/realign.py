@@ -17,16 +17,17 @@ DeRa is only a `tokens_to_logits` combinator: the sampling loop is
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 
-from dera_t5x import checkpoints
 from dera_t5x import decoding
 from dera_t5x import models
-from dera_t5x import network
+from dera_t5x import partitioning
+from dera_t5x.models import protocol
 
 Array = jax.Array
 Params = Any
@@ -66,8 +67,21 @@ def mix_logits(ref_logits: Array, aligned_logits: Array, lam: Array) -> Array:
     return lam * aligned_logits + (1.0 - lam) * ref_logits
 
 
-def tokens_to_logits(model: models.EncoderDecoderModel, params_ref: Params,
-                     params_aligned: Params, lam: Array):
+def _mix(model: models.Model, ref_logits: Array, aligned_logits: Array, lam: Array
+         ) -> tuple[Array, dict[str, Array]]:
+    """(mixed logits, aux {'ref', 'aligned', 'mixed'}) [batch, vocab], banned ids excluded.
+
+    Banned ids are excluded after mixing: lam > 1 would turn a logit masked in
+    both models into a large positive one.
+    """
+    mixed = protocol.ban_tokens(mix_logits(ref_logits, aligned_logits, lam), model.banned_ids)
+    aux = {"ref": protocol.ban_tokens(ref_logits, model.banned_ids),
+           "aligned": protocol.ban_tokens(aligned_logits, model.banned_ids), "mixed": mixed}
+    return mixed, aux
+
+
+def tokens_to_logits(model: models.Model, params_ref: Params, params_aligned: Params,
+                     lam: Array):
     """The two-model step for `decoding.sample`; its cache is {'ref', 'aligned'}.
 
     Returns a function (tokens [batch], cache) -> (mixed logits [batch, vocab],
@@ -78,11 +92,7 @@ def tokens_to_logits(model: models.EncoderDecoderModel, params_ref: Params,
     def step(tokens: Array, cache: dict) -> tuple[Array, dict, dict[str, Array]]:
         ref_logits, ref_cache = model.decode_step(params_ref, cache["ref"], tokens)
         aligned_logits, aligned_cache = model.decode_step(params_aligned, cache["aligned"], tokens)
-        # Padding is excluded after mixing: lam > 1 would turn a masked logit
-        # in both models into a large positive one.
-        mixed = models.exclude_padding(mix_logits(ref_logits, aligned_logits, lam))
-        aux = {"ref": models.exclude_padding(ref_logits),
-               "aligned": models.exclude_padding(aligned_logits), "mixed": mixed}
+        mixed, aux = _mix(model, ref_logits, aligned_logits, lam)
         return mixed, {"ref": ref_cache, "aligned": aligned_cache}, aux
 
     return step
@@ -103,83 +113,87 @@ def _temperature_argument(temperature: float | Array) -> Array | None:
     return None if decoding.is_greedy(temperature) else jnp.asarray(temperature, jnp.float32)
 
 
-def _init_caches(model, params_ref, params_aligned, encoder_input_tokens, max_decode_len):
-    return {"ref": model.init_decode_cache(params_ref, encoder_input_tokens, max_decode_len),
-            "aligned": model.init_decode_cache(params_aligned, encoder_input_tokens,
-                                               max_decode_len)}
+def _prefill(model: models.Model, params_ref: Params, params_aligned: Params, inputs: Array,
+             prompt_lengths: Array | None, max_decode_len: int,
+             partitioner: partitioning.Partitioner | None) -> tuple[dict, dict]:
+    """Both models' first logits and caches: ({'ref', 'aligned'} logits, caches)."""
+    logits, caches = {}, {}
+    for name, params in (("ref", params_ref), ("aligned", params_aligned)):
+        logits[name], cache = model.prefill(params, inputs, max_decode_len,
+                                            prompt_lengths=prompt_lengths)
+        if partitioner is not None:
+            cache = partitioner.constrain(cache, model.cache_axes(cache))
+        caches[name] = cache
+    return logits, caches
 
 
-def _sample(model, params_ref, params_aligned, cache, lam, rng, temperature, *, max_decode_len,
-            top_k, top_p, chunk_size) -> DeraOutput:
+def _sample(model, params_ref, params_aligned, first_logits, cache, lam, rng, temperature, *,
+            max_decode_len, top_k, top_p, chunk_size) -> DeraOutput:
     """`decoding.sample` of the two-model step; temperature None is greedy."""
+    initial = _mix(model, first_logits["ref"], first_logits["aligned"], lam)
     out = decoding.sample(
         tokens_to_logits(model, params_ref, params_aligned, lam), cache, rng,
-        batch_size=lam.shape[0], max_decode_len=max_decode_len, eos_id=models.EOS_ID,
-        start_id=models.DECODER_START_ID,
-        temperature=0.0 if temperature is None else temperature, top_k=top_k, top_p=top_p,
-        chunk_size=chunk_size)
+        batch_size=lam.shape[0], max_decode_len=max_decode_len, eos_id=model.eos_ids,
+        initial=initial, temperature=0.0 if temperature is None else temperature,
+        top_k=top_k, top_p=top_p, chunk_size=chunk_size)
     return _as_output(out)
 
 
-_STATIC = ("config", "max_decode_len", "top_k", "top_p", "chunk_size")
+_STATIC = ("model", "max_decode_len", "top_k", "top_p", "chunk_size", "partitioner")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _decode(config, params_ref, params_aligned, encoder_input_tokens, lam, rng, temperature,
-            **static):
-    model = models.EncoderDecoderModel(config)
-    cache = _init_caches(model, params_ref, params_aligned, encoder_input_tokens,
-                         static["max_decode_len"])
-    return _sample(model, params_ref, params_aligned, cache, lam, rng, temperature, **static)
+def _decode(model, params_ref, params_aligned, inputs, prompt_lengths, lam, rng, temperature, *,
+            partitioner, **static):
+    first_logits, cache = _prefill(model, params_ref, params_aligned, inputs, prompt_lengths,
+                                   static["max_decode_len"], partitioner)
+    return _sample(model, params_ref, params_aligned, first_logits, cache, lam, rng, temperature,
+                   **static)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _sweep(config, params_ref, params_aligned, encoder_input_tokens, lambdas, rng, temperature,
-           **static):
-    model = models.EncoderDecoderModel(config)
-    # Encoder passes and cross-attention keys / values: once per parameter set.
-    cache = _init_caches(model, params_ref, params_aligned, encoder_input_tokens,
-                         static["max_decode_len"])
-    batch = encoder_input_tokens.shape[0]
+def _sweep(model, params_ref, params_aligned, inputs, prompt_lengths, lambdas, rng, temperature,
+           *, partitioner, **static):
+    # The inputs' pass (encoder or prompt prefill): once per parameter set.
+    first_logits, cache = _prefill(model, params_ref, params_aligned, inputs, prompt_lengths,
+                                   static["max_decode_len"], partitioner)
+    batch = inputs.shape[0]
 
     def decode_one(lam_value):
         lam = jnp.full((batch,), lam_value, jnp.float32)
-        return _sample(model, params_ref, params_aligned, cache, lam, rng, temperature, **static)
+        return _sample(model, params_ref, params_aligned, first_logits, cache, lam, rng,
+                       temperature, **static)
 
     # The shared cache enters unbatched: only the growing self-attention K/V
     # and the per-step activations get the [K] axis.
     return jax.vmap(decode_one)(lambdas)
 
 
-def check_compatible(config: network.T5Config, params_ref: Params, params_aligned: Params
-                     ) -> None:
-    """Raises ValueError naming the first parameter where the two sets (or the
-    config) disagree in presence or shape."""
-    expected = checkpoints.expected_shapes(config)
-    for name, params in (("reference", params_ref), ("aligned", params_aligned)):
-        flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.shape(v)
-                for path, v in jax.tree_util.tree_leaves_with_path(params)}
-        missing = sorted(set(expected) - set(flat))
-        extra = sorted(set(flat) - set(expected))
-        if missing or extra:
-            raise ValueError(
-                f"The {name} parameters do not match the model config: missing {missing[:3]}, "
-                f"unexpected {extra[:3]}. Both models must share one architecture.")
-        for key, shape in expected.items():
-            if tuple(flat[key]) != tuple(shape):
-                what = "vocabulary" if "embedding" in key or "logits_dense" in key else "architecture"
-                raise ValueError(
-                    f"The {name} parameter {key} has shape {tuple(flat[key])} but the model "
-                    f"config expects {tuple(shape)}: the two models differ in {what}. DeRa "
-                    "mixes the logits of two models with the same architecture and vocabulary.")
+def check_compatible(model: models.Model, params_ref: Params, params_aligned: Params) -> None:
+    """Raises ValueError naming the first parameter where either set disagrees
+    with the model (in presence or shape): DeRa mixes the logits of two models
+    with one architecture and vocabulary."""
+    model.check_params(params_ref, "The reference parameter set")
+    model.check_params(params_aligned, "The aligned parameter set")
 
 
-def _check_tokens(encoder_input_tokens) -> Array:
-    shape = np.shape(encoder_input_tokens)
+def _check_tokens(inputs, model: models.Model, prompt_lengths) -> tuple[Array, Array | None]:
+    """(inputs as int32, prompt_lengths as int32 or None), checked."""
+    shape = np.shape(inputs)
     if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
-        raise ValueError(f"encoder_input_tokens must be a non-empty [batch, length] array, "
-                         f"got shape {shape}.")
-    return jnp.asarray(encoder_input_tokens, jnp.int32)
+        raise ValueError(f"The inputs must be a non-empty [batch, length] array, got shape "
+                         f"{shape}.")
+    if prompt_lengths is not None:
+        lengths = np.asarray(prompt_lengths)
+        if lengths.shape != (shape[0],):
+            raise ValueError(f"prompt_lengths must have shape ({shape[0]},), got "
+                             f"{lengths.shape}.")
+        if not isinstance(prompt_lengths, jax.core.Tracer) and (
+                np.min(lengths) < 1 or np.max(lengths) > shape[1]):
+            raise ValueError(f"prompt_lengths must be in [1, {shape[1]}] (an empty prompt has "
+                             f"nothing to continue), got {lengths.tolist()}.")
+        prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
+    return jnp.asarray(inputs, jnp.int32), prompt_lengths
 
 
 def _check_lambda(lam, shape: tuple[int, ...], what: str) -> Array:
@@ -196,53 +210,126 @@ def _check_lambda(lam, shape: tuple[int, ...], what: str) -> Array:
     return jnp.asarray(lam)
 
 
-def dera_decode(model: models.EncoderDecoderModel, params_ref: Params, params_aligned: Params,
-                encoder_input_tokens: Array, lam: Array | float, *, max_decode_len: int,
+def _place(partitioner: partitioning.Partitioner | None, params_ref: Params,
+           params_aligned: Params, rows: dict[str, Any]) -> tuple[Params, Params, dict]:
+    """Parameters over 'model' and rows over 'data' on the partitioner's mesh."""
+    if partitioner is None:
+        return params_ref, params_aligned, rows
+    present = {name: value for name, value in rows.items() if value is not None}
+    placed = partitioner.shard_batch(present)
+    return (partitioner.shard_params(params_ref), partitioner.shard_params(params_aligned),
+            {name: placed.get(name) for name in rows})
+
+
+def dera_decode(model: models.Model, params_ref: Params, params_aligned: Params,
+                inputs: Array, lam: Array | float, *, max_decode_len: int,
                 rng: Array, temperature: float | Array = 1.0, top_k: int = 0,
-                top_p: float = 1.0, chunk_size: int | None = None) -> DeraOutput:
+                top_p: float = 1.0, chunk_size: int | None = None,
+                prompt_lengths: Array | None = None,
+                partitioner: partitioning.Partitioner | None = None) -> DeraOutput:
     """DeRa sampling with a per-example lambda, in one compiled call.
 
     Args:
-      model: the architecture shared by both parameter sets.
+      model: the architecture shared by both parameter sets (`models.for_config`).
       params_ref: the reference (SFT) parameters.
-      params_aligned: the aligned (RL) parameters.
-      encoder_input_tokens: [batch, enc_len] int32, 0 is padding.
+      params_aligned: the aligned (RL / DPO) parameters.
+      inputs: [batch, in_len] int32: T5's encoder input (0 is padding), or a
+        decoder-only model's right-padded prompts.
       lam: [batch] float (a scalar is broadcast); finite.
       temperature: scalar or [batch]; 0 is greedy.
       chunk_size: None decodes all steps; an int stops between chunks of that
         many steps once every row has ended (identical results, see
         `decoding.sample`).
+      prompt_lengths: [batch] prompt lengths for a decoder-only model; None for T5.
+      partitioner: a `partitioning.Partitioner`: rows over 'data', parameters
+        and caches over 'model'; None runs on the default device.
     """
-    tokens = _check_tokens(encoder_input_tokens)
-    lam = _check_lambda(lam, (tokens.shape[0],), "lam")
-    check_compatible(model.config, params_ref, params_aligned)
-    return _decode(model.config, params_ref, params_aligned, tokens, lam, rng,
-                   _temperature_argument(temperature), max_decode_len=max_decode_len,
-                   top_k=top_k, top_p=top_p, chunk_size=chunk_size)
+    inputs, prompt_lengths = _check_tokens(inputs, model, prompt_lengths)
+    lam = _check_lambda(lam, (inputs.shape[0],), "lam")
+    check_compatible(model, params_ref, params_aligned)
+    decoding.check_lengths(max_decode_len)
+    params_ref, params_aligned, rows = _place(
+        partitioner, params_ref, params_aligned,
+        {"inputs": inputs, "prompt_lengths": prompt_lengths, "lam": lam})
+    return _decode(model, params_ref, params_aligned, rows["inputs"], rows["prompt_lengths"],
+                   rows["lam"], rng, _temperature_argument(temperature),
+                   max_decode_len=max_decode_len, top_k=top_k, top_p=top_p,
+                   chunk_size=chunk_size, partitioner=partitioner)
 
 
-def dera_sweep(model: models.EncoderDecoderModel, params_ref: Params, params_aligned: Params,
-               encoder_input_tokens: Array, lambdas: Array, *, max_decode_len: int, rng: Array,
+def dera_sweep(model: models.Model, params_ref: Params, params_aligned: Params,
+               inputs: Array, lambdas: Array, *, max_decode_len: int, rng: Array,
                temperature: float | Array = 1.0, top_k: int = 0,
-               top_p: float = 1.0, chunk_size: int | None = None) -> DeraOutput:
+               top_p: float = 1.0, chunk_size: int | None = None,
+               prompt_lengths: Array | None = None,
+               partitioner: partitioning.Partitioner | None = None) -> DeraOutput:
     """DeRa for K lambda values in one compiled call; outputs get a leading [K] axis.
 
-    Each input is encoded once per parameter set and its cross-attention keys /
-    values are shared by all K decodes. Row k equals
-    `dera_decode(..., lam=lambdas[k], rng=rng)`.
+    Each input is read once per parameter set (T5's encoder and cross-attention
+    keys / values; a decoder-only prompt's prefill) and shared by all K
+    decodes. Row k equals `dera_decode(..., lam=lambdas[k], rng=rng)`.
 
     Args:
       lambdas: [K] finite floats.
+      (the others as `dera_decode`)
     """
-    tokens = _check_tokens(encoder_input_tokens)
+    inputs, prompt_lengths = _check_tokens(inputs, model, prompt_lengths)
     lambdas_shape = np.shape(lambdas)
     if len(lambdas_shape) != 1 or lambdas_shape[0] == 0:
         raise ValueError(f"lambdas must be a non-empty 1-D array [K], got shape {lambdas_shape}.")
     lambdas = _check_lambda(lambdas, lambdas_shape, "lambdas")
-    check_compatible(model.config, params_ref, params_aligned)
-    return _sweep(model.config, params_ref, params_aligned, tokens, lambdas, rng,
-                  _temperature_argument(temperature), max_decode_len=max_decode_len,
-                  top_k=top_k, top_p=top_p, chunk_size=chunk_size)
+    check_compatible(model, params_ref, params_aligned)
+    decoding.check_lengths(max_decode_len)
+    params_ref, params_aligned, rows = _place(
+        partitioner, params_ref, params_aligned,
+        {"inputs": inputs, "prompt_lengths": prompt_lengths})
+    return _sweep(model, params_ref, params_aligned, rows["inputs"], rows["prompt_lengths"],
+                  lambdas, rng, _temperature_argument(temperature),
+                  max_decode_len=max_decode_len, top_k=top_k, top_p=top_p,
+                  chunk_size=chunk_size, partitioner=partitioner)
+
+
+def sweep_batches(model: models.Model, params_ref: Params, params_aligned: Params,
+                  inputs: np.ndarray, lambdas: Sequence[float], *, batch_size: int, seed: int,
+                  first_batch: int = 0, prompt_lengths: np.ndarray | None = None,
+                  partitioner: partitioning.Partitioner | None = None, **sampling
+                  ) -> Iterator[tuple[int, np.ndarray, DeraOutput]]:
+    """`dera_sweep` over all inputs in batches: the decode job's and the
+    pipelines' evaluation loop.
+
+    Batch i holds inputs [i * batch_size, (i + 1) * batch_size) (the last one
+    padded with copies of row 0, which are not reported) and samples with
+    `fold_in(PRNGKey(seed), i)`, so a batch's result does not depend on where
+    a run started.
+
+    Args:
+      inputs: [n, in_len] int32; prompt_lengths: [n] for decoder-only models.
+      lambdas: the K values of every sweep.
+      first_batch: the batch to start from (a resumed job).
+      sampling: `max_decode_len`, `temperature`, `top_k`, `top_p`, `chunk_size`.
+
+    Yields:
+      (i, the batch's real rows [m] int, the sweep's output as numpy arrays
+      with the [K] axis first), the same on every host.
+    """
+    key = jax.random.PRNGKey(seed)
+    lambdas = np.asarray(lambdas, np.float32)
+    num = inputs.shape[0]
+    for i in range(first_batch, -(-num // batch_size)):
+        rows = np.arange(i * batch_size, min((i + 1) * batch_size, num))
+        take = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])
+        lengths = None if prompt_lengths is None else prompt_lengths[take]
+        out = dera_sweep(model, params_ref, params_aligned, inputs[take], lambdas,
+                         rng=jax.random.fold_in(key, i), prompt_lengths=lengths,
+                         partitioner=partitioner, **sampling)
+        yield i, rows - i * batch_size, jax.tree_util.tree_map(_to_host, out)
+
+
+def _to_host(x: Array) -> np.ndarray:
+    """A (possibly multi-host) array as numpy on every host."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def geometric_mixture(log_probs_ref: Array, log_probs_aligned: Array, lam: float) -> Array:

@@ -27,6 +27,7 @@ the sum over tokens of log pi - log pi_sft of the sampled tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import time
@@ -40,12 +41,13 @@ import numpy as np
 from dera_t5x import evaluation
 from dera_t5x import gin_utils
 from dera_t5x import models
-from dera_t5x import network
+from dera_t5x.models.t5 import network
 from dera_t5x import realign
 from dera_t5x import report
 from dera_t5x.data import metrics
 from dera_t5x.data import pipeline
 from dera_t5x.data import tasks
+from dera_t5x.data import vocabularies
 from dera_t5x.training import reward_model
 from dera_t5x.training import rewards
 from dera_t5x.training import rl
@@ -79,22 +81,26 @@ def _fmt_beta(beta: float) -> str:
 
 
 class Evaluator:
-    """Samples DeRa / model outputs on a split and summarizes them per lambda."""
+    """Samples DeRa / model outputs on a split and summarizes them per lambda.
 
-    def __init__(self, model: models.EncoderDecoderModel, task_name: str,
-                 feature_lengths: dict[str, int], reward: rewards.Reward,
-                 batch_size: int, num_samples: int, max_decode_len: int, seed: int,
-                 max_examples: int | None = None):
+    Every row carries each named reward of `rewards` (the first is the one
+    the models were aligned with, reported as `mean_reward`).
+    """
+
+    def __init__(self, model: models.Model, task_name: str, feature_lengths: dict[str, int],
+                 rewards_by_name: dict[str, rewards.Reward], batch_size: int, num_samples: int,
+                 max_decode_len: int, seed: int, max_examples: int | None = None):
         self.model = model
         self.task_name = task_name
         self.feature_lengths = feature_lengths
-        self.reward = reward
+        self.rewards = dict(rewards_by_name)
         self.batch_size = batch_size
         self.num_samples = num_samples
         self.max_decode_len = max_decode_len
         self.seed = seed
         self.max_examples = max_examples
-        self._reward_fn = jax.jit(reward.apply)
+        self._reward_fns = {name: jax.jit(jax.vmap(reward.apply, in_axes=(None, None, 0)))
+                            for name, reward in self.rewards.items()}
         self.vocabulary = tasks.get_task(task_name).output_features["targets"].vocabulary
 
     def _decode_split(self, split: str, params_ref: Params, params_aligned: Params,
@@ -102,46 +108,52 @@ class Evaluator:
         data = pipeline.load_split(self.task_name, split, self.feature_lengths)
         inputs = data.features["encoder_input_tokens"][:self.max_examples]
         inputs = np.repeat(inputs, self.num_samples, axis=0)
-        columns = {"tokens": [], "log_probs": [], "ref_log_probs": [], "mixed_log_probs": [],
-                   "reward": []}
-        for i, (batch, mask) in enumerate(pipeline.eval_batches(
-                {"encoder_input_tokens": inputs}, self.batch_size)):
-            rows = np.asarray(mask, bool)
-            out = realign.dera_sweep(
-                self.model, params_ref, params_aligned, batch["encoder_input_tokens"],
-                np.asarray(lambdas, np.float32), max_decode_len=self.max_decode_len,
-                rng=jax.random.PRNGKey(self.seed * 100003 + i), temperature=1.0)
-            rewards_k = jax.vmap(lambda t: self._reward_fn(
-                self.reward.params, batch["encoder_input_tokens"], t))(out.tokens)
-            for name, value in (("tokens", out.tokens), ("log_probs", out.log_probs),
-                                ("ref_log_probs", out.ref_log_probs),
-                                ("mixed_log_probs", out.mixed_log_probs),
-                                ("reward", rewards_k)):
-                columns[name].append(np.asarray(value)[:, rows])
+        columns = {"tokens": [], "ref_log_probs": [], "mixed_log_probs": [],
+                   **{name: [] for name in self.rewards}}
+        for i, rows, out in realign.sweep_batches(
+                self.model, params_ref, params_aligned, inputs, lambdas,
+                batch_size=self.batch_size, seed=self.seed,
+                max_decode_len=self.max_decode_len, temperature=1.0):
+            batch = inputs[i * self.batch_size + rows]
+            tokens = out.tokens[:, rows]
+            for name in ("tokens", "ref_log_probs", "mixed_log_probs"):
+                columns[name].append(getattr(out, name)[:, rows])
+            for name, reward in self.rewards.items():
+                columns[name].append(np.asarray(self._reward_fns[name](reward.params, batch,
+                                                                       tokens)))
         return {k: np.concatenate(v, axis=1) for k, v in columns.items()}, data
 
     def evaluate(self, split: str, params_ref: Params, params_aligned: Params,
-                 lambdas: Sequence[float]) -> list[dict[str, Any]]:
-        """One row per lambda: length, reward, KL to params_ref, ROUGE, examples."""
+                 lambdas: Sequence[float]) -> list[evaluation.EvalRow]:
+        """One row per lambda: length, rewards, KL to params_ref, ROUGE, examples."""
         decoded, data = self._decode_split(split, params_ref, params_aligned, lambdas)
         references = [t for t in data.texts["targets"][:self.max_examples]
                       for _ in range(self.num_samples)]
+        aligned_with = next(iter(self.rewards))
         rows = []
         for k, lam in enumerate(lambdas):
-            texts = [self.vocabulary.decode(_until_eos(t)) for t in decoded["tokens"][k]]
-            row = {"lambda": float(lam)}
-            row.update(evaluation.summarize(decoded["tokens"][k], decoded["reward"][k],
-                                            decoded["mixed_log_probs"][k],
-                                            decoded["ref_log_probs"][k]))
-            row.update(metrics.rouge(texts, references))
-            row["samples"] = texts[:3 * self.num_samples:self.num_samples]
-            rows.append(row)
+            texts = vocabularies.detokenize(self.vocabulary, decoded["tokens"][k])
+            stats = evaluation.summarize(decoded["tokens"][k], decoded[aligned_with][k],
+                                         decoded["mixed_log_probs"][k],
+                                         decoded["ref_log_probs"][k])
+            named = {name: list(evaluation.mean_and_sem(decoded[name][k]))
+                     for name in self.rewards}
+            rows.append(evaluation.EvalRow(
+                lam=float(lam), **stats, rewards=named,
+                rouge=metrics.rouge(texts, references),
+                samples=texts[:3 * self.num_samples:self.num_samples]))
         return rows
 
 
-def _until_eos(tokens: np.ndarray) -> list[int]:
-    tokens = [int(t) for t in tokens]
-    return tokens[:tokens.index(models.EOS_ID)] if models.EOS_ID in tokens else tokens
+@gin.configurable
+def rl_aligner(model_dir: str, *, model: models.Model, params_ref: Params,
+               reward: rewards.Reward, beta: float, task_name: str,
+               feature_lengths: dict[str, int], max_decode_len: int, seed: int) -> Params:
+    """Aligns at `beta` with KL-regularized RL (`rl.train_rl`, gin-configured)."""
+    return rl.train_rl(model_dir, model=model, params_ref=params_ref, reward=reward,
+                       config=dataclasses.replace(rl.RLConfig(), beta=beta),
+                       task_name=task_name, feature_lengths=feature_lengths,
+                       max_decode_len=max_decode_len, seed=seed)
 
 
 @gin.configurable
@@ -152,8 +164,15 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
         eval_split: str = "validation", test_split: str = "test", num_eval_samples: int = 2,
         eval_batch_size: int = 50, max_eval_examples: int | None = None,
         max_decode_len: int = 64, rouge_margin: float = 2.0,
-        gap_tolerance: float = 0.15, seed: int = 0) -> dict[str, Any]:
-    """Runs (or resumes) a whole pipeline and writes its report; returns report.json."""
+        gap_tolerance: float = 0.15, seed: int = 0,
+        aligner: Callable[..., Params] = rl_aligner) -> dict[str, Any]:
+    """Runs (or resumes) a whole pipeline and writes its report; returns report.json.
+
+    `aligner` is the "align at beta" step (gin: `reproduce.run.aligner`),
+    called as aligner(model_dir, model=, params_ref=, reward=, beta=,
+    task_name=, feature_lengths=, max_decode_len=, seed=) for the base model
+    and for every model retrained at beta / lambda.
+    """
     lambdas = _check_lambdas(lambdas)
     if reward_kind not in ("length", "reward_model"):
         raise ValueError(f"reward_kind must be 'length' or 'reward_model', got {reward_kind!r}.")
@@ -161,7 +180,7 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
     tasks.get_task(task_name)
     out = pathlib.Path(output_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    model = models.EncoderDecoderModel(model_config)
+    model = models.for_config(model_config)
     timings = {}
 
     def timed(name, fn):
@@ -177,22 +196,24 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
         reward = rewards.length_reward()
     else:
         rm_params = timed("reward_model", lambda: reward_model.train_reward_model(
-            str(out / "reward_model"), model=model, t5_params=sft_params, seed=seed))
+            str(out / "reward_model"), model=model, model_params=sft_params, seed=seed))
         reward = reward_model.as_reward(model, rm_params)
 
-    def train_rl(beta_value):
-        return rl.train_rl(
-            str(out / f"rl_beta_{_fmt_beta(beta_value)}"), model=model, ref_params=sft_params,
+    def align(beta_value):
+        return aligner(
+            str(out / f"rl_beta_{_fmt_beta(beta_value)}"), model=model, params_ref=sft_params,
             reward=reward, beta=beta_value, task_name=task_name,
             feature_lengths=feature_lengths, max_decode_len=max_decode_len, seed=seed)
 
-    base_params = timed("rl_base", lambda: train_rl(beta))
-    evaluator = Evaluator(model, task_name, feature_lengths, reward, eval_batch_size,
-                          num_eval_samples, max_decode_len, seed, max_eval_examples)
+    base_params = timed("rl_base", lambda: align(beta))
+    evaluator = Evaluator(model, task_name, feature_lengths, {reward.name: reward},
+                          eval_batch_size, num_eval_samples, max_decode_len, seed,
+                          max_eval_examples)
 
     dera = timed("dera_sweep", lambda: _cached_json(
         out / f"dera_{eval_split}.json",
-        lambda: evaluator.evaluate(eval_split, sft_params, base_params, lambdas)))
+        lambda: [row.to_json() for row in evaluator.evaluate(eval_split, sft_params,
+                                                             base_params, lambdas)]))
 
     def retrained_row(lam):
         if lam == 0.0:
@@ -200,9 +221,9 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
         elif lam == 1.0:
             params, beta_value = base_params, beta
         else:
-            params, beta_value = train_rl(beta / lam), beta / lam
+            params, beta_value = align(beta / lam), beta / lam
         row = evaluator.evaluate(eval_split, sft_params, params, [1.0])[0]
-        return dict(row, **{"lambda": lam, "beta": beta_value})
+        return dataclasses.replace(row, lam=lam, beta=beta_value).to_json()
 
     retrained = [_cached_json(out / f"retrained_{eval_split}_lambda_{lam:g}.json",
                               lambda lam=lam: timed("retrained", lambda: retrained_row(lam)))
@@ -230,7 +251,7 @@ def _select(evaluator: Evaluator, dera: list[dict[str, Any]], sft_params: Params
             eval_split: str, test_split: str) -> dict[str, Any]:
     """Picks lambda on validation data and evaluates it on the test split."""
     sft_rouge = next(row["rougeL"] for row in dera if row["lambda"] == 0.0) if 0.0 in lambdas \
-        else evaluator.evaluate(eval_split, sft_params, base_params, [0.0])[0]["rougeL"]
+        else evaluator.evaluate(eval_split, sft_params, base_params, [0.0])[0].rouge["rougeL"]
     table = [{"lambda": row["lambda"], "mean_reward": row["mean_reward"],
               "rougeL": row["rougeL"], "eligible": row["rougeL"] >= sft_rouge - rouge_margin}
              for row in dera]
@@ -243,7 +264,8 @@ def _select(evaluator: Evaluator, dera: list[dict[str, Any]], sft_params: Params
                       f"ROUGE-L is at least the SFT model's minus {rouge_margin:g} "
                       f"(SFT ROUGE-L {sft_rouge:.2f})."),
         "validation": table, "chosen_lambda": chosen,
-        "test": {name: _strip(row) for name, row in zip(("chosen", "base", "sft"), test_rows)},
+        "test": {name: _strip(row.to_json())
+                 for name, row in zip(("chosen", "base", "sft"), test_rows)},
     }
 
 

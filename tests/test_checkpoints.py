@@ -17,7 +17,8 @@ import tensorstore as ts
 
 from dera_t5x import checkpoints
 from dera_t5x import models
-from dera_t5x import network
+from dera_t5x.models import protocol
+from dera_t5x.models.t5 import network
 
 # The whole tiny T5.1.1-style network in T5X's test checkpoint.
 TINY_T5X = network.T5Config(vocab_size=32128, emb_dim=8, num_heads=4, head_dim=3, mlp_dim=16,
@@ -30,7 +31,7 @@ def _random_params(config: network.T5Config, seed: int):
     """Random float32 numpy params of the config's shapes (faster than compiling init)."""
     rng = np.random.default_rng(seed)
     flat = {name: rng.normal(size=shape).astype(np.float32)
-            for name, shape in checkpoints.expected_shapes(config).items()}
+            for name, shape in protocol.expected_shapes(models.for_config(config)).items()}
     return flax.traverse_util.unflatten_dict(flat, sep="/")
 
 

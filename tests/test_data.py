@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import seqio
 
+from dera_t5x import batching
 from dera_t5x.data import bundled
 from dera_t5x.data import metrics
 from dera_t5x.data import pipeline
@@ -268,10 +269,10 @@ def _toy_arrays(n: int = 10) -> dict[str, np.ndarray]:
 
 def test_train_batches_resume_exactly_and_cover_each_epoch():
     arrays = _toy_arrays()
-    stream = pipeline.train_batches(arrays, batch_size=4, seed=3)
+    stream = batching.train_batches(arrays, batch_size=4, seed=3)
     run = [next(stream) for _ in range(12)]
     for k in (0, 2, 5, 11):
-        resumed = pipeline.train_batches(arrays, batch_size=4, seed=3, start_step=k)
+        resumed = batching.train_batches(arrays, batch_size=4, seed=3, start_step=k)
         for expected in run[k:]:
             got = next(resumed)
             np.testing.assert_array_equal(got["x"], expected["x"])
@@ -280,14 +281,14 @@ def test_train_batches_resume_exactly_and_cover_each_epoch():
     for epoch in range(4):
         assert sorted(order[10 * epoch:10 * epoch + 10]) == list(range(10))
     assert (order[:10] != order[10:20]).any()  # A new permutation each epoch.
-    other = next(pipeline.train_batches(arrays, batch_size=10, seed=4))["y"] - 100
+    other = next(batching.train_batches(arrays, batch_size=10, seed=4))["y"] - 100
     assert (other != order[:10]).any()
     np.testing.assert_array_equal(run[0]["x"][:, 0], run[0]["y"] - 100)  # Rows stay aligned.
 
 
 def test_eval_batches_pad_last_batch_and_mask_it():
     arrays = _toy_arrays()
-    batches = list(pipeline.eval_batches(arrays, batch_size=4))
+    batches = list(batching.eval_batches(arrays, batch_size=4))
     assert len(batches) == 3
     assert all(b["x"].shape == (4, 3) for b, _ in batches)
     last, mask = batches[-1]
@@ -296,7 +297,7 @@ def test_eval_batches_pad_last_batch_and_mask_it():
     valid = np.concatenate([b["y"][m] for b, m in batches])
     np.testing.assert_array_equal(valid, arrays["y"])
     with pytest.raises(ValueError, match="share their first dimension"):
-        list(pipeline.eval_batches({"a": np.zeros(3), "b": np.zeros(4)}, 2))
+        list(batching.eval_batches({"a": np.zeros(3), "b": np.zeros(4)}, 2))
 
 
 def test_rouge():

@@ -10,11 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-import dera_t5x.data  # noqa: F401  (registers the tasks)
 from dera_t5x import checkpoints
 from dera_t5x import decode_job
 from dera_t5x import models
-from dera_t5x import network
+from dera_t5x.models.t5 import network
 from dera_t5x import realign
 from dera_t5x.data import bundled
 from dera_t5x.data import tasks
@@ -208,7 +207,7 @@ def test_a_foreign_output_file_is_never_overwritten(models_dir, input_file):
 
 @pytest.mark.parametrize("content, kwargs, error, message", [
     (None, {}, FileNotFoundError, "Input file not found"),
-    ("\n\n", {}, ValueError, "input file is empty"),
+    ("\n\n", {}, ValueError, "the file is empty"),
     ('{"document": "a"}\n{"text": "b"}\n', {}, ValueError, "line 2 has no string field"),
     ('{"document": "a"}\n', {"lambdas": "a,b"}, ValueError, "'a' is not a finite number"),
     ('{"document": "a"}\n', {"lambdas": "0,nan"}, ValueError, "'nan' is not a finite"),

@@ -9,7 +9,7 @@ import pytest
 
 from dera_t5x import checkpoints
 from dera_t5x import models
-from dera_t5x import network
+from dera_t5x.models.t5 import network
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

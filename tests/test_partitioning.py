@@ -12,9 +12,12 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from dera_t5x import models
 from dera_t5x import partitioning
+from dera_t5x.models.t5 import network
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+MODEL = models.EncoderDecoderModel(network.T5Config())
 
 
 def test_logical_axes_of_t5_parameters():
@@ -30,9 +33,9 @@ def test_logical_axes_of_t5_parameters():
         "decoder/relpos_bias/rel_embedding": (None, None),
     }
     for path, expected in rules.items():
-        logical = partitioning.param_logical_axes(path, 2)
+        logical = MODEL.param_axes(path, 2)
         assert partitioning.logical_to_mesh_axes(logical) == expected, path
-    assert partitioning.param_logical_axes("encoder/encoder_norm/scale", 1) == (None,)
+    assert MODEL.param_axes("encoder/encoder_norm/scale", 1) == (None,)
 
 
 def test_one_device_and_bad_shapes():
@@ -52,7 +55,7 @@ def test_one_device_and_bad_shapes():
 def test_optimizer_state_follows_its_parameters():
     """Adam moments and unfactored Adafactor moments mirror their parameter's
     sharding; Adafactor's factored row / column moments and counts are replicated."""
-    partitioner = partitioning.Partitioner((1, 1))  # Specs are visible on one device too.
+    partitioner = partitioning.Partitioner((1, 1), MODEL.param_axes)  # Specs are visible on one device too.
     params = {"encoder": {"layers_0": {"mlp": {"wi": {"kernel": np.zeros((256, 512), np.float32)}},
                                        "attention": {"out": {"kernel": np.zeros((64, 32), np.float32)}}}}}
     wi_spec, out_spec = P(None, "model"), P("model", None)
@@ -79,7 +82,8 @@ def test_optimizer_state_follows_its_parameters():
 _EIGHT_DEVICES = textwrap.dedent("""
     import jax, numpy as np
     from jax.sharding import PartitionSpec as P
-    from dera_t5x import models, network, partitioning
+    from dera_t5x import models, partitioning
+    from dera_t5x.models.t5 import network
     from dera_t5x.training import trainer
 
     assert jax.device_count() == 8
@@ -111,7 +115,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
     for name in ("adamw", "adafactor"):
         reference, ref_losses = run(name, None)
         for shape in ((2, 4), (4, 2)):
-            partitioner = partitioning.Partitioner(shape)
+            partitioner = partitioning.Partitioner(shape, model.param_axes)
             state, losses = run(name, partitioner)
             q = state.params["encoder"]["layers_0"]["attention"]["query"]["kernel"]
             assert q.sharding.spec == P(None, "model"), q.sharding.spec

@@ -9,7 +9,7 @@ import pytest
 
 from dera_t5x import checkpoints
 from dera_t5x import models
-from dera_t5x import network
+from dera_t5x.models.t5 import network
 from dera_t5x import realign
 
 CONFIG = network.T5Config(vocab_size=40, emb_dim=16, num_heads=3, head_dim=8, mlp_dim=24,
@@ -60,7 +60,7 @@ def test_log_probs_of_the_three_distributions(setup):
                               max_decode_len=MAX_LEN, rng=jax.random.PRNGKey(3))
     # Teacher-forced scores of the sampled tokens under each model agree.
     for params, got in ((params_ref, out.ref_log_probs), (params_aligned, out.aligned_log_probs)):
-        want = model.token_log_probs(params, tokens, out.tokens, exclude_pad=True)
+        want = model.token_log_probs(params, tokens, out.tokens, exclude_banned=True)
         np.testing.assert_allclose(got, want, atol=1e-5)
     # At temperature 1 without filtering, the sampling distribution is the mixture.
     np.testing.assert_allclose(out.log_probs, out.mixed_log_probs, atol=1e-6)
@@ -159,7 +159,7 @@ def test_bad_input(setup):
                             **kwargs)
     deeper = models.EncoderDecoderModel(
         network.T5Config(**{**CONFIG.__dict__, "num_decoder_layers": 2}))
-    with pytest.raises(ValueError, match="reference parameters do not match"):
+    with pytest.raises(ValueError, match="reference parameter set does not match"):
         realign.dera_decode(model, deeper.init(jax.random.PRNGKey(0)), params_aligned, tokens,
                             0.5, **kwargs)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dera_t5x import models
-from dera_t5x import network
+from dera_t5x.models.t5 import network
 from dera_t5x.training import rewards
 from dera_t5x.training import rl
 
@@ -105,13 +105,15 @@ def test_a_reference_of_another_architecture_is_refused(tmp_path):
     model = models.EncoderDecoderModel(CONFIG)
     other = models.EncoderDecoderModel(network.T5Config(**{**CONFIG.__dict__, "emb_dim": 24}))
     with pytest.raises(ValueError, match="differ in"):
-        rl.train_rl(str(tmp_path), model=model, ref_params=other.init(jax.random.PRNGKey(0)),
-                    reward=rewards.length_reward(), beta=0.1, task_name="xsum_bundled",
+        rl.train_rl(str(tmp_path), model=model, params_ref=other.init(jax.random.PRNGKey(0)),
+                    reward=rewards.length_reward(), config=rl.RLConfig(beta=0.1),
+                    task_name="xsum_bundled",
                     feature_lengths={"inputs": 16, "targets": 8}, num_steps=1)
     assert not (tmp_path / "checkpoints").exists()
     with pytest.raises(ValueError, match="beta must be a finite number > 0"):
-        rl.train_rl(str(tmp_path), model=model, ref_params=model.init(jax.random.PRNGKey(0)),
-                    reward=rewards.length_reward(), beta=0.0, task_name="xsum_bundled",
+        rl.train_rl(str(tmp_path), model=model, params_ref=model.init(jax.random.PRNGKey(0)),
+                    reward=rewards.length_reward(), config=rl.RLConfig(beta=0.0),
+                    task_name="xsum_bundled",
                     feature_lengths={"inputs": 16, "targets": 8}, num_steps=1)
 
 

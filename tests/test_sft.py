@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dera_t5x import models
-from dera_t5x import network
+from dera_t5x.models.t5 import network
 from dera_t5x.data import pipeline
 from dera_t5x.training import sft
 from dera_t5x.training import trainer

@@ -15,7 +15,7 @@ import pytest
 
 from dera_t5x import checkpoints
 from dera_t5x import gin_utils
-from dera_t5x import network
+from dera_t5x.models.t5 import network
 from dera_t5x.training import sft
 from dera_t5x.training import trainer
 

@@ -30,8 +30,8 @@ def main(argv: Sequence[str]) -> None:
     del argv
     config = gin_utils.model_config()
     model = models.EncoderDecoderModel(config)
-    t5_params = checkpoints.load_params(_INIT.value, config)
-    params = reward_model.train_reward_model(_MODEL_DIR.value, model=model, t5_params=t5_params)
+    model_params = checkpoints.load_params(_INIT.value, config)
+    params = reward_model.train_reward_model(_MODEL_DIR.value, model=model, model_params=model_params)
     checkpoints.save_params(f"{_MODEL_DIR.value}/params", params)
 
 

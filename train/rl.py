@@ -5,6 +5,7 @@ r"""KL-regularized RL from an SFT checkpoint.
         [--reward=length | --reward=reward_model --reward_model_checkpoint=...]
 """
 
+import dataclasses
 from typing import Sequence
 
 from absl import flags
@@ -28,18 +29,18 @@ _RM = flags.DEFINE_string("reward_model_checkpoint", None,
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    rl.RLConfig(beta=_BETA.value)  # a bad beta fails before anything loads
+    rl_config = dataclasses.replace(rl.RLConfig(), beta=_BETA.value)  # checks beta first
     config = gin_utils.model_config()
-    model = models.EncoderDecoderModel(config)
-    ref_params = checkpoints.load_params(_REF.value, config)
+    model = models.for_config(config)
+    params_ref = checkpoints.load_params(_REF.value, config)
     if _REWARD.value == "length":
         reward = rewards.length_reward()
     else:
         if not _RM.value:
             raise ValueError("--reward=reward_model needs --reward_model_checkpoint.")
         reward = reward_model.as_reward(model, checkpoints.restore_params(_RM.value))
-    policy = rl.train_rl(_MODEL_DIR.value, model=model, ref_params=ref_params, reward=reward,
-                         beta=_BETA.value)
+    policy = rl.train_rl(_MODEL_DIR.value, model=model, params_ref=params_ref, reward=reward,
+                         config=rl_config)
     checkpoints.save_params(f"{_MODEL_DIR.value}/params", policy)
 
 

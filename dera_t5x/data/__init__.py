@@ -1,6 +1,6 @@
 """Data of dera-t5x: seqio tasks, bundled data, vocabularies, numpy pipelines.
 
-Importing this package registers the tasks of ``tasks`` with seqio.
+Importing ``tasks`` registers its tasks with seqio; this package imports
+TensorFlow and seqio, so the models, decoding and training steps never
+import it (only the job drivers and entry points do).
 """
-
-from dera_t5x.data import tasks  # noqa: F401  (registers the seqio tasks)

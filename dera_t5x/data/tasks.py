@@ -35,13 +35,13 @@ malformed later line is reported, with its line number, when the task is read.
 """
 
 import functools
-import json
 import os
 from collections.abc import Mapping
 
 import seqio
 import tensorflow as tf
 
+from dera_t5x import jsonl
 from dera_t5x.data import bundled
 from dera_t5x.data import metrics
 from dera_t5x.data import vocabularies
@@ -126,53 +126,11 @@ def _bundled_factual_dataset(split: str, shuffle_files: bool, seed: int | None =
                             ("article_sent", "correct_sent", "incorrect_sent"))
 
 
-def _jsonl_error(path: str, what: str) -> ValueError:
-    return ValueError(f"{path}: {what}. Fix: give a JSON-lines file with one object per "
-                      "line holding the task's fields as strings.")
-
-
-def _parse_jsonl_line(path: str, number: int, line: str, fields: tuple[str, ...]
-                      ) -> dict[str, str]:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise _jsonl_error(path, f"line {number} is not valid JSON ({e})") from e
-    if not isinstance(record, dict):
-        raise _jsonl_error(path, f"line {number} is not a JSON object")
-    for field in fields:
-        if not isinstance(record.get(field), str):
-            raise _jsonl_error(path, f"line {number} has no string field {field!r} "
-                                     f"(fields: {sorted(record)})")
-    return record
-
-
-def _check_jsonl(path: str, fields: tuple[str, ...]) -> None:
-    """Checks that ``path`` exists and its first record has ``fields``."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Data file not found: {path}. Fix: pass the path of an "
-                                "existing JSON-lines file.")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                _parse_jsonl_line(path, number, line, fields)
-                return
-    raise _jsonl_error(path, "the file is empty")
-
-
-def _read_jsonl(path: str, fields: tuple[str, ...]) -> tuple[dict[str, str], ...]:
-    with open(path, encoding="utf-8") as f:
-        records = tuple(_parse_jsonl_line(path, number, line, fields)
-                        for number, line in enumerate(f, start=1) if line.strip())
-    if not records:
-        raise _jsonl_error(path, "the file is empty")
-    return records
-
-
 def _jsonl_dataset(split: str, shuffle_files: bool, seed: int | None = None, *,
                    path_by_split: Mapping[str, str], fields: tuple[str, ...]
                    ) -> tf.data.Dataset:
     del shuffle_files, seed  # In file order; the pipeline shuffles.
-    return _records_dataset(_read_jsonl(path_by_split[split], fields), fields)
+    return _records_dataset(jsonl.read_records(path_by_split[split], fields), fields)
 
 
 def _register_jsonl(name: str, path_by_split: Mapping[str, str], key_map: dict[str, str],
@@ -183,7 +141,7 @@ def _register_jsonl(name: str, path_by_split: Mapping[str, str], key_map: dict[s
     fields = tuple(dict.fromkeys(key_map.values()))
     paths = {split: os.fspath(path) for split, path in path_by_split.items()}
     for path in paths.values():
-        _check_jsonl(path, fields)
+        jsonl.check_first_record(path, fields)
     source = seqio.FunctionDataSource(
         functools.partial(_jsonl_dataset, path_by_split=paths, fields=fields),
         splits=tuple(paths))

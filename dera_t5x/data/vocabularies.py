@@ -175,3 +175,15 @@ def check_vocab_fits(vocabulary: seqio.Vocabulary, model_vocab_size: int) -> Non
             "past it. Fix: build the model with vocab_size >= "
             f"{_round_up(vocabulary.vocab_size, 128)}, or use a task whose vocabulary "
             "matches the model (e.g. xsum_bundled_t5 for a T5 checkpoint).")
+
+
+def detokenize(vocabulary: seqio.Vocabulary, token_rows: Sequence[Sequence[int]]) -> list[str]:
+    """The text of each row of generated ids, up to (not including) the first
+    EOS: the one detokenization of decoded output (job, pipelines, ROUGE)."""
+    texts = []
+    for row in token_rows:
+        ids = [int(t) for t in row]
+        if vocabulary.eos_id in ids:
+            ids = ids[:ids.index(vocabulary.eos_id)]
+        texts.append(vocabulary.decode(ids))
+    return texts

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dera_t5x import models
+from dera_t5x.models import protocol
 
 Array = jax.Array
 
@@ -61,28 +62,30 @@ def at_last_token(sequence_reward: Array, mask: Array) -> Array:
     return rewards.at[jnp.arange(mask.shape[0]), last].add(sequence_reward)
 
 
-def summary_tokens(response_tokens: Array) -> Array:
+def summary_tokens(response_tokens: Array, eos_ids: Sequence[int] = (models.EOS_ID,)
+                   ) -> Array:
     """1.0 on each token that counts towards the length, else 0: [batch, dec_len].
 
-    Counted are the nonzero tokens that are not EOS, so a response
-    "a b c EOS" has length 3; a response cut at the decode limit without EOS
-    counts all its tokens.
+    Counted are the tokens before the first EOS (`protocol.response_mask`),
+    so a response "a b c EOS" has length 3; a response cut at the decode
+    limit without EOS counts all its tokens.
     """
-    return ((response_tokens != 0) & (response_tokens != models.EOS_ID)).astype(jnp.float32)
+    return protocol.response_mask(response_tokens, eos_ids, include_eos=False)
 
 
-def response_length(response_tokens: Array) -> Array:
+def response_length(response_tokens: Array, eos_ids: Sequence[int] = (models.EOS_ID,)
+                    ) -> Array:
     """Summary tokens before EOS: [batch, dec_len] -> [batch] float32."""
-    return jnp.sum(summary_tokens(response_tokens), axis=-1)
+    return jnp.sum(summary_tokens(response_tokens, eos_ids), axis=-1)
 
 
 @gin.configurable
-def length_reward(scale: float = 1.0) -> Reward:
+def length_reward(scale: float = 1.0, eos_ids: Sequence[int] = (models.EOS_ID,)) -> Reward:
     """r(x, y) = scale * response_length(y); no cap beyond the decode length."""
 
     def per_token(params, encoder_input_tokens, response_tokens):
         del params, encoder_input_tokens
-        return scale * summary_tokens(response_tokens)
+        return scale * summary_tokens(response_tokens, eos_ids)
 
     return Reward(name="length",
                   apply=lambda *args: jnp.sum(per_token(*args), axis=-1),

@@ -1,4 +1,4 @@
-"""KL-regularized RL of an encoder-decoder policy against a frozen reference.
+"""KL-regularized RL of a policy (any model of the protocol) against a frozen reference.
 
 Maximizes E[r(x, y)] - beta * KL(pi || pi_ref) with a policy gradient and a
 learned value baseline, one RL step being:
@@ -14,10 +14,10 @@ learned value baseline, one RL step being:
 3. update: REINFORCE with the value baseline (default) or PPO with clipping
    (`ppo_epochs` updates on the same batch), plus the value regression.
 
-The value function is a linear head on the policy's final decoder hidden
-states, read through `stop_gradient`: the value loss trains only the head,
-the policy loss only the policy, and each has its own learning rate. Params
-are `{'policy': T5 params, 'value_head': {'kernel': [emb], 'bias': []}}`.
+The value function is a linear head (`scalar_head`) on the policy's final
+hidden states, read through `stop_gradient`: the value loss trains only the
+head, the policy loss only the policy, and each has its own learning rate.
+Params are `{'policy': the model's params, 'value_head': a scalar head}`.
 
 The KL per token uses `log_ratio = log pi(y_t) - log pi_ref(y_t)` on samples
 from pi: k1 = log_ratio (default, unbiased), k3 = exp(-log_ratio) - 1 +
@@ -37,11 +37,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dera_t5x import batching
 from dera_t5x import models
 from dera_t5x import partitioning
-from dera_t5x import realign
-from dera_t5x.data import pipeline
+from dera_t5x.models import protocol
 from dera_t5x.training import rewards
+from dera_t5x.training import scalar_head
 from dera_t5x.training import trainer
 
 Array = jax.Array
@@ -100,11 +101,9 @@ class RLConfig:
         return self.ppo_epochs if self.policy_loss == "ppo" else 1
 
 
-def init_params(policy_params: Params, emb_dim: int) -> Params:
+def init_params(policy_params: Params, hidden_size: int) -> Params:
     """RL params: the policy (from the SFT model) and a zero value head."""
-    return {"policy": policy_params,
-            "value_head": {"kernel": jnp.zeros((emb_dim,), jnp.float32),
-                           "bias": jnp.zeros((), jnp.float32)}}
+    return {"policy": policy_params, "value_head": scalar_head.init(hidden_size)}
 
 
 def kl_per_token(log_probs: Array, ref_log_probs: Array, estimator: str) -> Array:
@@ -149,28 +148,25 @@ def gae(rewards: Array, values: Array, mask: Array, gae_lambda: float
     return advantages, (advantages + values) * mask
 
 
-def policy_outputs(model: models.EncoderDecoderModel, params: Params,
-                   encoder_input_tokens: Array, responses: Array
+def policy_outputs(model: models.Model, params: Params, prompts: Array, responses: Array
                    ) -> tuple[Array, Array, Array]:
     """Teacher-forced log-probs of the responses, values and entropies, [batch, len] each.
 
     Values are V(x, y_<t), predicted before token t is chosen. Log-probs and
-    entropies are those of the sampling distribution (padding excluded).
+    entropies are those of the sampling distribution (banned ids excluded).
     """
-    hidden, logits = model.hidden_and_logits(params["policy"], encoder_input_tokens,
-                                             models.shift_right(responses))
-    log_softmax = jax.nn.log_softmax(models.exclude_padding(logits), axis=-1)
-    mask = (responses != 0).astype(jnp.float32)
+    hidden, logits = model.response_states(params["policy"], prompts, responses)
+    hidden, logits = hidden[:, :-1], logits[:, :-1]  # the states that predict a response token
+    log_softmax = jax.nn.log_softmax(protocol.ban_tokens(logits, model.banned_ids), axis=-1)
+    mask = protocol.response_mask(responses, model.eos_ids)
     log_probs = jnp.take_along_axis(log_softmax, responses[..., None], -1)[..., 0] * mask
     entropy = -jnp.sum(jnp.exp(log_softmax) * log_softmax, axis=-1) * mask
-    head = params["value_head"]
-    values = (jax.lax.stop_gradient(hidden).astype(jnp.float32) @ head["kernel"]
-              + head["bias"]) * mask
+    values = scalar_head.apply(params["value_head"], jax.lax.stop_gradient(hidden)) * mask
     return log_probs, values, entropy
 
 
-def score_rollouts(model: models.EncoderDecoderModel, config: RLConfig, params: Params,
-                   ref_params: Params, task_rewards: Array,
+def score_rollouts(model: models.Model, config: RLConfig, params: Params,
+                   params_ref: Params, task_rewards: Array,
                    encoder_input_tokens: Array, responses: Array) -> dict[str, Array]:
     """Everything the update needs, computed once per rollout batch.
 
@@ -182,9 +178,9 @@ def score_rollouts(model: models.EncoderDecoderModel, config: RLConfig, params: 
       ([batch, len]) and per-sequence `reward`, `kl`, `length`, `entropy`.
     """
     log_probs, values, entropy = policy_outputs(model, params, encoder_input_tokens, responses)
-    ref_log_probs = model.token_log_probs(ref_params, encoder_input_tokens, responses,
-                                          exclude_pad=True)
-    mask = (responses != 0).astype(jnp.float32)
+    ref_log_probs = model.token_log_probs(params_ref, encoder_input_tokens, responses,
+                                          exclude_banned=True)
+    mask = protocol.response_mask(responses, model.eos_ids)
     kl = kl_per_token(log_probs, ref_log_probs, config.kl_estimator) * mask
     advantages, returns = gae(token_rewards(task_rewards, kl, mask, config.beta), values, mask,
                               config.gae_lambda)
@@ -201,7 +197,7 @@ def score_rollouts(model: models.EncoderDecoderModel, config: RLConfig, params: 
     }
 
 
-def loss(model: models.EncoderDecoderModel, config: RLConfig, params: Params,
+def loss(model: models.Model, config: RLConfig, params: Params,
          batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
     """Policy-gradient loss (per sequence) plus the value regression (per token).
 
@@ -210,7 +206,7 @@ def loss(model: models.EncoderDecoderModel, config: RLConfig, params: Params,
     """
     log_probs, values, _ = policy_outputs(model, params, batch["encoder_input_tokens"],
                                           batch["responses"])
-    mask = (batch["responses"] != 0).astype(jnp.float32)
+    mask = protocol.response_mask(batch["responses"], model.eos_ids)
     num_sequences = mask.shape[0]
     num_tokens = jnp.maximum(jnp.sum(mask), 1.0)
     advantages = batch["advantages"]
@@ -251,7 +247,7 @@ class StepFunctions(NamedTuple):
 
     rollout(params, prompts [batch, enc_len], rng) -> (prompts repeated
       num_samples times [batch * n, enc_len], responses [batch * n, len]).
-    score(params, ref_params, reward_params, prompts, responses) -> batch dict.
+    score(params, params_ref, reward_params, prompts, responses) -> batch dict.
     update(params, opt_state, batch) -> (params, opt_state, metrics).
     """
 
@@ -260,7 +256,7 @@ class StepFunctions(NamedTuple):
     update: Callable
 
 
-def make_step_functions(model: models.EncoderDecoderModel, config: RLConfig,
+def make_step_functions(model: models.Model, config: RLConfig,
                         optimizer: optax.GradientTransformation,
                         reward: rewards.Reward) -> StepFunctions:
     """Builds the jitted rollout, scoring and update functions."""
@@ -275,9 +271,9 @@ def make_step_functions(model: models.EncoderDecoderModel, config: RLConfig,
         return prompts, out.tokens
 
     @jax.jit
-    def score(params, ref_params, reward_params, prompts, responses):
+    def score(params, params_ref, reward_params, prompts, responses):
         task_rewards = reward.token_rewards(reward_params, prompts, responses)
-        return score_rollouts(model, config, params, ref_params, task_rewards, prompts,
+        return score_rollouts(model, config, params, params_ref, task_rewards, prompts,
                               responses)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -291,7 +287,7 @@ def make_step_functions(model: models.EncoderDecoderModel, config: RLConfig,
 
 
 def rl_step(steps: StepFunctions, config: RLConfig, params: Params, opt_state: Any,
-            ref_params: Params, reward_params: Any, prompts: Array, rng: Array
+            params_ref: Params, reward_params: Any, prompts: Array, rng: Array
             ) -> tuple[Params, Any, dict[str, float] | None]:
     """One rollout, scoring and `updates_per_rollout` updates.
 
@@ -299,7 +295,7 @@ def rl_step(steps: StepFunctions, config: RLConfig, params: Params, opt_state: A
     when the reward was not finite for some response (the caller counts the skip).
     """
     prompts, responses = steps.rollout(params, prompts, rng)
-    batch = steps.score(params, ref_params, reward_params, prompts, responses)
+    batch = steps.score(params, params_ref, reward_params, prompts, responses)
     if not bool(jnp.all(jnp.isfinite(batch["reward"]))):  # a replicated scalar on a mesh
         return params, opt_state, None
     for _ in range(config.updates_per_rollout):
@@ -307,14 +303,14 @@ def rl_step(steps: StepFunctions, config: RLConfig, params: Params, opt_state: A
     return params, opt_state, {k: float(v) for k, v in metrics.items()}
 
 
-@gin.configurable(denylist=["model_dir", "model", "ref_params", "reward", "beta"])
-def train_rl(model_dir: str, *, model: models.EncoderDecoderModel, ref_params: Params,
-             reward: rewards.Reward, beta: float, task_name: str = gin.REQUIRED,
+@gin.configurable(denylist=["model_dir", "model", "params_ref", "reward"])
+def train_rl(model_dir: str, *, model: models.Model, params_ref: Params,
+             reward: rewards.Reward, task_name: str = gin.REQUIRED,
              feature_lengths: dict[str, int] = gin.REQUIRED, max_decode_len: int | None = None,
              batch_size: int = 16, num_steps: int = 100, config: RLConfig | None = None,
              optimizer: optax.GradientTransformation | None = None, seed: int = 0,
              checkpoint_every: int = 50, mesh_shape: Sequence[int] | None = None) -> Params:
-    """RL from `ref_params` (the frozen SFT model) at KL strength `beta`.
+    """RL from `params_ref` (the frozen SFT model) at KL strength `config.beta`.
 
     Prompts are the task's train-split inputs; each RL step is `rl_step`. A
     model_dir holding the final step returns its policy at once (resume and
@@ -328,43 +324,42 @@ def train_rl(model_dir: str, *, model: models.EncoderDecoderModel, ref_params: P
     collectives), as SFT does.
 
     Returns:
-      the policy params (same tree as `ref_params`).
+      the policy params (same tree as `params_ref`).
     """
-    base = config or RLConfig(beta=beta)
-    config = dataclasses.replace(base, beta=beta,
-                                 max_decode_len=max_decode_len or base.max_decode_len)
-    realign.check_compatible(model.config, ref_params, ref_params)
-    partitioner = partitioning.partitioner_for(mesh_shape)
+    config = config or RLConfig()
+    config = dataclasses.replace(config, max_decode_len=max_decode_len or config.max_decode_len)
+    model.check_params(params_ref, "The reference parameter set")
+    partitioner = partitioning.partitioner_for(mesh_shape, model.param_axes)
     reward_params = reward.params
     if partitioner is not None:
         partitioner.check_batch_size(batch_size)
-        ref_params = partitioner.shard_params(ref_params)
+        params_ref = partitioner.shard_params(params_ref)
         reward_params = partitioner.shard_params(reward_params)
     optimizer = optimizer if optimizer is not None else make_optimizer()
     steps = make_step_functions(model, config, optimizer, reward)
+    from dera_t5x.data import pipeline  # noqa: PLC0415  (TensorFlow: the driver only)
     prompts = pipeline.load_split(task_name, "train", feature_lengths).features[
         "encoder_input_tokens"]
-    params = init_params(jax.tree_util.tree_map(jnp.copy, ref_params), model.config.emb_dim)
-    skipped = []
+    params = init_params(jax.tree_util.tree_map(jnp.copy, params_ref), model.hidden_size)
 
     def step(state: trainer.TrainState, batch) -> tuple[trainer.TrainState, dict]:
         rng, rollout_rng = jax.random.split(state.rng)
         params, opt_state, metrics = rl_step(steps, config, state.params, state.opt_state,
-                                             ref_params, reward_params,
+                                             params_ref, reward_params,
                                              batch["encoder_input_tokens"], rollout_rng)
+        skipped = state.skipped_batches + (metrics is None)
         if metrics is None:
-            skipped.append(int(state.step) + 1)
             logging.warning("RL step %d: non-finite reward, batch skipped (%d so far).",
-                            int(state.step) + 1, len(skipped))
+                            int(state.step) + 1, int(skipped))
             metrics = {"loss": 0.0}
-        metrics["skipped_batches"] = float(len(skipped))
-        return trainer.TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                                  rng=rng), metrics
+        metrics["skipped_batches"] = float(skipped)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
+                             skipped_batches=skipped), metrics
 
     state = trainer.train_loop(
         trainer.TrainState.create(params, optimizer, seed), step,
-        lambda start: pipeline.train_batches({"encoder_input_tokens": prompts}, batch_size,
+        lambda start: batching.train_batches({"encoder_input_tokens": prompts}, batch_size,
                                              seed, start),
         num_steps=num_steps, model_dir=model_dir, checkpoint_every=checkpoint_every,
-        description=f"rl beta={beta:g}", partitioner=partitioner)
+        description=f"rl beta={config.beta:g}", partitioner=partitioner)
     return state.params["policy"]

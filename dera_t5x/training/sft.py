@@ -17,9 +17,10 @@ import jax
 import numpy as np
 import optax
 
+from dera_t5x import batching
 from dera_t5x import checkpoints
 from dera_t5x import models
-from dera_t5x import network
+from dera_t5x.models.t5 import network
 from dera_t5x import partitioning
 from dera_t5x.data import metrics as text_metrics
 from dera_t5x.data import pipeline
@@ -39,7 +40,7 @@ def check_task_and_vocabulary(task_name: str, config: network.T5Config) -> None:
         vocabularies.check_vocab_fits(feature.vocabulary, config.vocab_size)
 
 
-def make_eval_fn(model: models.EncoderDecoderModel, arrays: dict[str, np.ndarray],
+def make_eval_fn(model: models.Model, arrays: dict[str, np.ndarray],
                  batch_size: int) -> Callable[[Params], dict[str, float]]:
     """params -> {'loss', 'accuracy'} over a split (token-weighted; padding rows ignored).
 
@@ -50,7 +51,7 @@ def make_eval_fn(model: models.EncoderDecoderModel, arrays: dict[str, np.ndarray
 
     def eval_fn(params: Params) -> dict[str, float]:
         total_loss = total_correct = total_tokens = 0.0
-        for batch, mask in pipeline.eval_batches(arrays, batch_size):
+        for batch, mask in batching.eval_batches(arrays, batch_size):
             weights = batch["decoder_loss_weights"] * np.asarray(mask)[:, None]
             m = metrics_fn(params, dict(batch, decoder_loss_weights=weights))
             n = float(m["num_tokens"])
@@ -63,7 +64,7 @@ def make_eval_fn(model: models.EncoderDecoderModel, arrays: dict[str, np.ndarray
     return eval_fn
 
 
-def make_rouge_fn(model: models.EncoderDecoderModel, encoder_input_tokens: np.ndarray,
+def make_rouge_fn(model: models.Model, encoder_input_tokens: np.ndarray,
                   references: Sequence[str], vocabulary: Any, batch_size: int,
                   max_decode_len: int) -> Callable[[Params], dict[str, float]]:
     """params -> ROUGE-1/2/L of greedy decodes of `encoder_input_tokens` [n, length]."""
@@ -72,13 +73,10 @@ def make_rouge_fn(model: models.EncoderDecoderModel, encoder_input_tokens: np.nd
 
     def rouge_fn(params: Params) -> dict[str, float]:
         predictions = []
-        for batch, mask in pipeline.eval_batches(
+        for batch, mask in batching.eval_batches(
                 {"encoder_input_tokens": encoder_input_tokens}, batch_size):
             out = predict(params, batch["encoder_input_tokens"])
-            tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-            for row in np.flatnonzero(mask):
-                ids = [int(t) for t in tokens[row, :lengths[row]] if t != vocabulary.eos_id]
-                predictions.append(vocabulary.decode(ids))
+            predictions += vocabularies.detokenize(vocabulary, np.asarray(out.tokens)[mask])
         return text_metrics.rouge(predictions, list(references))
 
     return rouge_fn
@@ -107,10 +105,10 @@ def train_sft(model_dir: str, *, model_config: network.T5Config = gin.REQUIRED,
       mesh_shape: (data, model) device mesh; None puts every device on 'data'.
     """
     check_task_and_vocabulary(task_name, model_config)
-    partitioner = partitioning.partitioner_for(mesh_shape)
+    model = models.for_config(model_config)
+    partitioner = partitioning.partitioner_for(mesh_shape, model.param_axes)
     if partitioner is not None:
         partitioner.check_batch_size(batch_size)
-    model = models.EncoderDecoderModel(model_config)
     train = pipeline.load_split(task_name, "train", feature_lengths)
     arrays = {k: train.features[k] for k in FEATURES}
     eval_fn = None
@@ -136,7 +134,7 @@ def train_sft(model_dir: str, *, model_config: network.T5Config = gin.REQUIRED,
         lambda p, batch, rng: model.loss(p, batch, rng if model_config.dropout_rate else None),
         optimizer, partitioner)
     state = trainer.train_loop(
-        state, step, lambda start: pipeline.train_batches(arrays, batch_size, seed, start),
+        state, step, lambda start: batching.train_batches(arrays, batch_size, seed, start),
         num_steps=num_steps, model_dir=model_dir, checkpoint_every=checkpoint_every,
         eval_fn=eval_fn, eval_every=eval_every, description="sft",
         tokens_per_batch=lambda b: int(np.sum(b["decoder_loss_weights"])),

@@ -53,19 +53,23 @@ class TrainState(flax.struct.PyTreeNode):
       params: the model parameters.
       opt_state: the optimizer state for `params`.
       rng: the PRNG key of the next step (split once per step).
+      skipped_batches: int32 [] batches a step skipped (e.g. RL's non-finite
+        rewards); checkpointed, so the count survives a resume.
     """
 
     step: jax.Array
     params: Params
     opt_state: Any
     rng: jax.Array
+    skipped_batches: jax.Array
 
     @classmethod
     def create(cls, params: Params, optimizer: optax.GradientTransformation,
                seed: int) -> "TrainState":
         """Step 0 with `optimizer.init(params)` and `PRNGKey(seed)`."""
         return cls(step=jnp.zeros((), jnp.int32), params=params,
-                   opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed))
+                   opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed),
+                   skipped_batches=jnp.zeros((), jnp.int32))
 
 
 @gin.configurable
@@ -165,8 +169,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
             state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         metrics = dict(metrics, grad_norm=optax.global_norm(grads))
-        return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                          opt_state=opt_state, rng=rng), metrics
+        return state.replace(step=state.step + 1,
+                             params=optax.apply_updates(state.params, updates),
+                             opt_state=opt_state, rng=rng), metrics
 
     if partitioner is None:
         return jax.jit(step, donate_argnums=(0,))

@@ -1,45 +1,46 @@
-"""`EncoderDecoderModel`: init, loss, teacher-forced log-probs, decode steps.
+"""`EncoderDecoderModel`: the T5 family behind the model protocol.
 
-All methods are pure functions of `params` and can be jitted by callers.
-Token conventions follow T5: padding 0, EOS 1, decoder start 0.
+All methods are pure functions of `params` and can be jitted by callers; the
+model object is a frozen dataclass of its config (hashable, a static jit
+argument). Token conventions follow T5: padding 0, EOS 1, decoder start 0;
+padding is never generated (`banned_ids`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import re
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from dera_t5x import decoding
-from dera_t5x import network
+from dera_t5x.models import protocol
+from dera_t5x.models.t5 import network
 
 Array = jax.Array
 Params = Any
 PAD_ID = 0
 EOS_ID = 1
 DECODER_START_ID = 0
-EXCLUDED_LOGIT = -1e9
+
+# Regex over the '/'-joined parameter path -> logical axes of a 2-D kernel.
+PARAM_AXES: tuple[tuple[str, tuple[str, str]], ...] = (
+    (r"(attention|self_attention|encoder_decoder_attention)/(query|key|value)/kernel$",
+     ("embed", "heads")),
+    (r"(attention|self_attention|encoder_decoder_attention)/out/kernel$", ("heads", "embed")),
+    (r"mlp/wi(_\d+)?/kernel$", ("embed", "mlp")),
+    (r"mlp/wo/kernel$", ("mlp", "embed")),
+    (r"token_embedder/embedding$", ("vocab", "embed")),
+    (r"logits_dense/kernel$", ("embed", "vocab")),
+)
 
 
 def exclude_padding(logits: Array) -> Array:
-    """Logits [..., vocab] with the padding id made impossible (a large negative
-    logit, finite so that mixing and masking never produce NaN).
-
-    Generated text never contains padding: every sampling path, and every
-    log-prob of generated text used by RL and DeRa, uses the model's
-    distribution restricted to the other tokens.
-    """
-    return logits.at[..., PAD_ID].set(EXCLUDED_LOGIT)
-
-
-def first_argmax(x: Array) -> Array:
-    """`jnp.argmax(x, axis=-1)`, the first index of the max (rows holding NaN
-    give x.shape[-1]), as two plain reduces: XLA:CPU runs argmax's variadic
-    reduce several times slower. Float indices are exact below 2**24."""
-    is_max = x == jnp.max(x, axis=-1, keepdims=True)
-    index = jnp.arange(x.shape[-1], dtype=jnp.float32)
-    return jnp.min(jnp.where(is_max, index, x.shape[-1]), axis=-1).astype(jnp.int32)
+    """Logits [..., vocab] with the padding id made impossible (see `protocol.ban_tokens`)."""
+    return protocol.ban_tokens(logits, (PAD_ID,))
 
 
 def shift_right(targets: Array, start_id: int = DECODER_START_ID) -> Array:
@@ -48,12 +49,33 @@ def shift_right(targets: Array, start_id: int = DECODER_START_ID) -> Array:
     return shifted
 
 
-class EncoderDecoderModel:
-    """A T5 model with the operations training and decoding need."""
+@functools.lru_cache(maxsize=32)
+def _expected_shapes(model: "EncoderDecoderModel") -> dict[str, tuple[int, ...]]:
+    return protocol.expected_shapes(model)
 
-    def __init__(self, config: network.T5Config):
-        self.config = config
-        self.module = network.Transformer(config)
+
+def _no_prompt_lengths(prompt_lengths: Array | None) -> None:
+    if prompt_lengths is not None:
+        raise ValueError("prompt_lengths is for decoder-only models; a T5 model reads its "
+                         "whole encoder input (0 is padding). Pass prompt_lengths=None.")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderDecoderModel:
+    """A T5 model with the operations training and decoding need (`protocol.Model`)."""
+
+    config: network.T5Config
+    eos_ids = (EOS_ID,)
+    banned_ids = (PAD_ID,)
+    pad_id = PAD_ID
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.emb_dim
+
+    @property
+    def module(self) -> network.Transformer:
+        return network.Transformer(self.config)
 
     def init(self, rng: Array, encoder_len: int = 4, decoder_len: int = 4) -> Params:
         """Random float32 parameters (the shapes do not depend on the lengths)."""
@@ -74,14 +96,18 @@ class EncoderDecoderModel:
                                  decoder_input_tokens, deterministic=dropout_rng is None,
                                  rngs=rngs)
 
-    def hidden_and_logits(self, params: Params, encoder_input_tokens: Array,
-                          decoder_input_tokens: Array, dropout_rng: Array | None = None
-                          ) -> tuple[Array, Array]:
-        """Final decoder hidden states [batch, dec_len, emb] and logits [batch, dec_len, vocab]."""
+    def response_states(self, params: Params, inputs: Array, responses: Array, *,
+                        prompt_lengths: Array | None = None, dropout_rng: Array | None = None
+                        ) -> tuple[Array, Array]:
+        """Final decoder states [batch, len + 1, emb] and logits [batch, len + 1, vocab]
+        of `[start] + responses`: position t has read response_<t."""
+        _no_prompt_lengths(prompt_lengths)
+        start = jnp.full((responses.shape[0], 1), DECODER_START_ID, responses.dtype)
         rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
-        return self.module.apply({"params": params}, encoder_input_tokens,
-                                 decoder_input_tokens, deterministic=dropout_rng is None,
-                                 rngs=rngs, method=network.Transformer.hidden_and_logits)
+        return self.module.apply({"params": params}, inputs,
+                                 jnp.concatenate([start, responses], axis=1),
+                                 deterministic=dropout_rng is None, rngs=rngs,
+                                 method=network.Transformer.hidden_and_logits)
 
     def loss(self, params: Params, batch: Mapping[str, Array],
              dropout_rng: Array | None = None, *, z_loss: float = 0.0,
@@ -118,7 +144,7 @@ class EncoderDecoderModel:
         z_term = z_loss * jnp.square(log_z)
         num_tokens = jnp.maximum(jnp.sum(weights), 1.0)
         total = jnp.sum((cross_entropy + z_term) * weights) / num_tokens
-        correct = (first_argmax(logits) == targets).astype(jnp.float32)
+        correct = (protocol.first_argmax(logits) == targets).astype(jnp.float32)
         metrics = {
             "loss": total,
             "z_loss": jnp.sum(z_term * weights) / num_tokens,
@@ -127,27 +153,30 @@ class EncoderDecoderModel:
         }
         return total, metrics
 
-    def token_log_probs(self, params: Params, encoder_input_tokens: Array,
-                        decoder_target_tokens: Array, dropout_rng: Array | None = None,
-                        *, exclude_pad: bool = False) -> Array:
+    def token_log_probs(self, params: Params, inputs: Array, responses: Array, *,
+                        prompt_lengths: Array | None = None, dropout_rng: Array | None = None,
+                        exclude_banned: bool = False) -> Array:
         """log p(target_t | input, target_<t): [batch, dec_len] float32, 0 on padding.
 
-        With `exclude_pad`, p is the distribution generation samples from
-        (see `exclude_padding`); without it, the network's full softmax.
+        Args:
+          inputs: encoder input tokens [batch, enc_len].
+          responses: decoder targets [batch, dec_len], 0-padded.
+          exclude_banned: p is the distribution generation samples from
+            (padding excluded); without it, the network's full softmax.
         """
-        logits = self.logits(params, encoder_input_tokens,
-                             shift_right(decoder_target_tokens), dropout_rng)
-        if exclude_pad:
+        _no_prompt_lengths(prompt_lengths)
+        logits = self.logits(params, inputs, shift_right(responses), dropout_rng)
+        if exclude_banned:
             logits = exclude_padding(logits)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
-        chosen = jnp.take_along_axis(log_probs, decoder_target_tokens[..., None], -1)[..., 0]
-        return jnp.where(decoder_target_tokens > 0, chosen, 0.0)
+        chosen = jnp.take_along_axis(log_probs, responses[..., None], -1)[..., 0]
+        return jnp.where(responses > 0, chosen, 0.0)
 
-    def score(self, params: Params, encoder_input_tokens: Array,
-              decoder_target_tokens: Array) -> Array:
+    def score(self, params: Params, inputs: Array, responses: Array, *,
+              prompt_lengths: Array | None = None) -> Array:
         """Sequence log-likelihood [batch] float32."""
-        return jnp.sum(self.token_log_probs(params, encoder_input_tokens,
-                                            decoder_target_tokens), axis=-1)
+        return jnp.sum(self.token_log_probs(params, inputs, responses,
+                                            prompt_lengths=prompt_lengths), axis=-1)
 
     def init_decode_cache(self, params: Params, encoder_input_tokens: Array,
                           max_decode_len: int) -> dict:
@@ -161,6 +190,15 @@ class EncoderDecoderModel:
         return self.module.apply({"params": params}, cache, tokens,
                                  method=network.Transformer.decode_step)
 
+    def prefill(self, params: Params, inputs: Array, max_decode_len: int, *,
+                prompt_lengths: Array | None = None) -> tuple[Array, dict]:
+        """The encoder pass and the first decoder step (the start token):
+        (logits [batch, vocab] float32, cache)."""
+        _no_prompt_lengths(prompt_lengths)
+        cache = self.init_decode_cache(params, inputs, max_decode_len)
+        start = jnp.full((inputs.shape[0],), DECODER_START_ID, jnp.int32)
+        return self.decode_step(params, cache, start)
+
     def predict(self, params: Params, encoder_input_tokens: Array, rng: Array, *,
                 max_decode_len: int, temperature: float | Array = 0.0, top_k: int = 0,
                 top_p: float = 1.0) -> decoding.DecodeOutput:
@@ -168,7 +206,7 @@ class EncoderDecoderModel:
 
         Padding is never generated (see `exclude_padding`).
         """
-        cache = self.init_decode_cache(params, encoder_input_tokens, max_decode_len)
+        logits, cache = self.prefill(params, encoder_input_tokens, max_decode_len)
 
         def tokens_to_logits(tokens, cache):
             logits, cache = self.decode_step(params, cache, tokens)
@@ -177,5 +215,24 @@ class EncoderDecoderModel:
         return decoding.sample(tokens_to_logits, cache, rng,
                                batch_size=encoder_input_tokens.shape[0],
                                max_decode_len=max_decode_len, eos_id=EOS_ID,
-                               start_id=DECODER_START_ID, temperature=temperature,
+                               initial=(exclude_padding(logits), {}), temperature=temperature,
                                top_k=top_k, top_p=top_p)
+
+    def check_params(self, params: Params, source: str = "The parameter set") -> Params:
+        """Names and shapes against the config; errors name the parameter."""
+        return protocol.check_param_shapes(params, _expected_shapes(self), source)
+
+    def param_axes(self, path: str, ndim: int) -> tuple[str | None, ...]:
+        """Logical axes of a parameter (`PARAM_AXES`; others replicated)."""
+        if ndim == 2:
+            for pattern, axes in PARAM_AXES:
+                if re.search(pattern, path):
+                    return axes
+        return (None,) * ndim
+
+    def cache_axes(self, cache: dict) -> dict:
+        """Rows over 'batch', keys / values over 'heads'; the step index replicated."""
+        def layer_axes(layer):
+            return {name: ("batch", "heads", None, None) for name in layer}
+        return {"index": (), "cross_bias": ("batch", None, None, None),
+                "layers": tuple(layer_axes(layer) for layer in cache["layers"])}

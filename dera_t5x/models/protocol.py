@@ -1,0 +1,168 @@
+"""The model protocol every family implements, and helpers the families share.
+
+Training, RL, DPO, distillation, DeRa and the decode job talk to a `Model`,
+never to a family. A model object is a frozen dataclass of its config:
+hashable, so it enters jitted functions as a static argument.
+
+Inputs and responses. A model reads `inputs` [batch, in_len] int32 (T5: the
+encoder input, 0-padded; decoder-only: the prompt, right-padded, with
+`prompt_lengths` [batch]) and scores or generates `responses` [batch, len]
+int32 (the new tokens, up to and including the first EOS, then padding).
+`prompt_lengths=None` is the T5 case; a decoder-only model requires it.
+
+Decoding. `prefill` reads the inputs once and returns the logits of the first
+new token and the cache; `decode_step` feeds one token per row and returns
+the next logits. Where each row is (its position) lives in the cache, so rows
+of different prompt lengths share a batch; `decoding.sample` drives the two.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Protocol, Sequence
+
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Params = Any
+# Set on banned token ids: finite, so that mixing and masking never make NaN.
+EXCLUDED_LOGIT = -1e9
+
+
+class Model(Protocol):
+    """What every model family provides (see the module docstring)."""
+
+    config: Any
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The ids that end a response (one or several)."""
+
+    @property
+    def banned_ids(self) -> tuple[int, ...]:
+        """Ids the model may never generate (T5: its padding id 0)."""
+
+    @property
+    def pad_id(self) -> int:
+        """The id that fills responses after their end."""
+
+    @property
+    def hidden_size(self) -> int:
+        """The width of `response_states` (what a scalar head reads)."""
+
+    def init(self, rng: Array) -> Params:
+        """Random float32 parameters."""
+
+    def loss(self, params: Params, batch: Mapping[str, Array], dropout_rng: Array | None = None,
+             *, z_loss: float = 0.0, label_smoothing: float = 0.0
+             ) -> tuple[Array, dict[str, Array]]:
+        """Teacher-forced cross-entropy on the family's training features."""
+
+    def token_log_probs(self, params: Params, inputs: Array, responses: Array, *,
+                        prompt_lengths: Array | None = None, dropout_rng: Array | None = None,
+                        exclude_banned: bool = False) -> Array:
+        """log p(response_t | inputs, response_<t) [batch, len] float32, 0 after the end."""
+
+    def score(self, params: Params, inputs: Array, responses: Array, *,
+              prompt_lengths: Array | None = None) -> Array:
+        """Sequence log-likelihood [batch]."""
+
+    def response_states(self, params: Params, inputs: Array, responses: Array, *,
+                        prompt_lengths: Array | None = None, dropout_rng: Array | None = None
+                        ) -> tuple[Array, Array]:
+        """(final hidden states [batch, len + 1, emb], logits [batch, len + 1, vocab]);
+        position t has read the inputs and response_<t (it predicts response_t);
+        position n has read the first n response tokens."""
+
+    def prefill(self, params: Params, inputs: Array, max_decode_len: int, *,
+                prompt_lengths: Array | None = None) -> tuple[Array, Any]:
+        """(logits of the first new token [batch, vocab] float32, decode cache)."""
+
+    def decode_step(self, params: Params, cache: Any, tokens: Array) -> tuple[Array, Any]:
+        """tokens [batch] -> (next-token logits [batch, vocab] float32, cache)."""
+
+    def check_params(self, params: Params, source: str = "The parameter set") -> Params:
+        """Raises ValueError naming the first parameter that is missing, unexpected
+        or of another shape than the config says; returns `params`."""
+
+    def param_axes(self, path: str, ndim: int) -> tuple[str | None, ...]:
+        """Logical axes of the parameter at '/'-joined `path` (see `partitioning`)."""
+
+    def cache_axes(self, cache: Any) -> Any:
+        """The decode cache's logical axes: a tree like `cache` of tuples."""
+
+
+def ban_tokens(logits: Array, banned_ids: Sequence[int]) -> Array:
+    """Logits [..., vocab] with `banned_ids` made impossible (EXCLUDED_LOGIT).
+
+    Generated text never holds a banned id: every sampling path, and every
+    log-prob of generated text used by RL and DeRa, uses the distribution
+    restricted to the other tokens.
+    """
+    if not banned_ids:
+        return logits
+    return logits.at[..., np.asarray(banned_ids)].set(EXCLUDED_LOGIT)
+
+
+def first_argmax(x: Array) -> Array:
+    """`jnp.argmax(x, axis=-1)`, the first index of the max (rows holding NaN
+    give x.shape[-1]), as two plain reduces: XLA:CPU runs argmax's variadic
+    reduce several times slower. Float indices are exact below 2**24."""
+    is_max = x == jnp.max(x, axis=-1, keepdims=True)
+    index = jnp.arange(x.shape[-1], dtype=jnp.float32)
+    return jnp.min(jnp.where(is_max, index, x.shape[-1]), axis=-1).astype(jnp.int32)
+
+
+def response_mask(responses: Array, eos_ids: Sequence[int], *, include_eos: bool = True
+                  ) -> Array:
+    """1.0 on the tokens up to and including the first EOS (without it, when
+    not `include_eos`: the tokens a length counts), else 0: [batch, len].
+
+    Padding after the end may be any id (a decoder-only vocabulary has no
+    reserved one), so the end is found from the EOS, not from the padding.
+    Works on numpy arrays too.
+    """
+    is_eos = jnp.isin(responses, jnp.asarray(eos_ids, jnp.asarray(responses).dtype))
+    seen = jnp.cumsum(is_eos, axis=-1)
+    before_end = seen - is_eos == 0 if include_eos else seen == 0
+    return before_end.astype(jnp.float32)
+
+
+def response_lengths(responses: Array, eos_ids: Sequence[int]) -> Array:
+    """Tokens through the first EOS (the whole row if none): [batch] int32."""
+    return jnp.sum(response_mask(responses, eos_ids), axis=-1).astype(jnp.int32)
+
+
+def check_param_shapes(params: Params, expected: Mapping[str, tuple[int, ...]],
+                       source: str) -> Params:
+    """Compares a parameter tree with {'a/b/kernel': shape}; errors name the parameter.
+
+    Returns:
+      `params`, unchanged.
+    """
+    flat = {"/".join(str(k) for k in key): value
+            for key, value in flax.traverse_util.flatten_dict(params).items()}
+    missing = sorted(set(expected) - set(flat))
+    unexpected = sorted(set(flat) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match the model config: missing parameters "
+                         f"{missing[:5]}, unexpected parameters {unexpected[:5]}. Check that "
+                         "the config (gin or config.json) describes the checkpoint's "
+                         "architecture.")
+    for name, shape in expected.items():
+        if tuple(np.shape(flat[name])) != tuple(shape):
+            what = "vocabulary" if "embed" in name or "logits" in name or "lm_head" in name \
+                else "architecture"
+            raise ValueError(f"{source}: parameter {name} has shape "
+                             f"{tuple(np.shape(flat[name]))} but the model config expects "
+                             f"{tuple(shape)} (they differ in {what}).")
+    return params
+
+
+def expected_shapes(model: Model) -> dict[str, tuple[int, ...]]:
+    """'encoder/layers_0/attention/query/kernel' -> shape, from `model.init`."""
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    return {"/".join(key): tuple(value.shape)
+            for key, value in flax.traverse_util.flatten_dict(shapes).items()}

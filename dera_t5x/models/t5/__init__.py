@@ -1,0 +1,2 @@
+"""The T5 family: `network` (Flax, T5X parameter names), `model` (the protocol),
+`hf` (Hugging Face parameter names)."""
