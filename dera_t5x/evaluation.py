@@ -74,9 +74,9 @@ class EvalRow:
     mean_reward_sem: float
     kl: float
     kl_sem: float
-    rewards: dict[str, list[float]]
     rouge: dict[str, float]
     samples: list[str]
+    rewards: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     beta: float | None = None
 
     def to_json(self) -> dict[str, Any]:

@@ -59,6 +59,8 @@ def initialize_distributed(enabled: bool = False, coordinator_address: str | Non
     are auto-detected from the cluster environment.
     """
     if enabled and not jax.distributed.is_initialized():
+        # CPU processes exchange data through gloo (accelerators use their own links).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
@@ -188,6 +190,10 @@ class Partitioner:
 
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
+
+    def replicate(self, tree: Any) -> Any:
+        """Places a tree, the same on every host, whole on every device."""
+        return jax.device_put(tree, self.replicated())
 
     def state_shardings(self, state: Any) -> Any:
         """Shardings for a `trainer.TrainState` (params, opt_state; scalars and rng replicated)."""

@@ -211,14 +211,19 @@ def _check_lambda(lam, shape: tuple[int, ...], what: str) -> Array:
 
 
 def _place(partitioner: partitioning.Partitioner | None, params_ref: Params,
-           params_aligned: Params, rows: dict[str, Any]) -> tuple[Params, Params, dict]:
-    """Parameters over 'model' and rows over 'data' on the partitioner's mesh."""
+           params_aligned: Params, rows: dict[str, Any], shared: dict[str, Any]
+           ) -> tuple[Params, Params, dict, dict]:
+    """On the partitioner's mesh: parameters over 'model', `rows` ([batch, ...])
+    over 'data', `shared` (rng, lambdas, temperature) replicated; as given
+    without a partitioner. Every host passes the same values."""
     if partitioner is None:
-        return params_ref, params_aligned, rows
+        return params_ref, params_aligned, rows, shared
     present = {name: value for name, value in rows.items() if value is not None}
     placed = partitioner.shard_batch(present)
+    shared = {name: None if value is None else partitioner.replicate(value)
+              for name, value in shared.items()}
     return (partitioner.shard_params(params_ref), partitioner.shard_params(params_aligned),
-            {name: placed.get(name) for name in rows})
+            {name: placed.get(name) for name in rows}, shared)
 
 
 def dera_decode(model: models.Model, params_ref: Params, params_aligned: Params,
@@ -248,11 +253,12 @@ def dera_decode(model: models.Model, params_ref: Params, params_aligned: Params,
     lam = _check_lambda(lam, (inputs.shape[0],), "lam")
     check_compatible(model, params_ref, params_aligned)
     decoding.check_lengths(max_decode_len)
-    params_ref, params_aligned, rows = _place(
+    params_ref, params_aligned, rows, shared = _place(
         partitioner, params_ref, params_aligned,
-        {"inputs": inputs, "prompt_lengths": prompt_lengths, "lam": lam})
+        {"inputs": inputs, "prompt_lengths": prompt_lengths, "lam": lam},
+        {"rng": rng, "temperature": _temperature_argument(temperature)})
     return _decode(model, params_ref, params_aligned, rows["inputs"], rows["prompt_lengths"],
-                   rows["lam"], rng, _temperature_argument(temperature),
+                   rows["lam"], shared["rng"], shared["temperature"],
                    max_decode_len=max_decode_len, top_k=top_k, top_p=top_p,
                    chunk_size=chunk_size, partitioner=partitioner)
 
@@ -280,11 +286,12 @@ def dera_sweep(model: models.Model, params_ref: Params, params_aligned: Params,
     lambdas = _check_lambda(lambdas, lambdas_shape, "lambdas")
     check_compatible(model, params_ref, params_aligned)
     decoding.check_lengths(max_decode_len)
-    params_ref, params_aligned, rows = _place(
+    params_ref, params_aligned, rows, shared = _place(
         partitioner, params_ref, params_aligned,
-        {"inputs": inputs, "prompt_lengths": prompt_lengths})
+        {"inputs": inputs, "prompt_lengths": prompt_lengths},
+        {"lambdas": lambdas, "rng": rng, "temperature": _temperature_argument(temperature)})
     return _sweep(model, params_ref, params_aligned, rows["inputs"], rows["prompt_lengths"],
-                  lambdas, rng, _temperature_argument(temperature),
+                  shared["lambdas"], shared["rng"], shared["temperature"],
                   max_decode_len=max_decode_len, top_k=top_k, top_p=top_p,
                   chunk_size=chunk_size, partitioner=partitioner)
 

@@ -21,22 +21,27 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from dera_t5x import evaluation  # noqa: E402
 
 
+def eval_rows(results: dict[str, Any], key: str) -> list[evaluation.EvalRow]:
+    """results[key] ('dera', 'retrained') as typed rows, by lambda."""
+    return sorted((evaluation.EvalRow.from_json(row) for row in results[key]),
+                  key=lambda row: row.lam)
+
+
 def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """DeRa at lambda next to the model retrained at beta / lambda, with gaps."""
-    retrained = {row["lambda"]: row for row in results["retrained"]}
+    retrained = {row.lam: row for row in eval_rows(results, "retrained")}
     rows = []
-    for dera in results["dera"]:
-        lam = dera["lambda"]
-        other = retrained.get(lam)
+    for dera in eval_rows(results, "dera"):
+        other = retrained.get(dera.lam)
         if other is None:
             continue
         rows.append({
-            "lambda": lam,
-            "beta": other["beta"],
-            "dera_length": dera["mean_length"], "retrained_length": other["mean_length"],
-            "length_gap": evaluation.relative_gap(dera["mean_length"], other["mean_length"]),
-            "dera_reward": dera["mean_reward"], "retrained_reward": other["mean_reward"],
-            "dera_kl": dera["kl"], "retrained_kl": other["kl"],
+            "lambda": dera.lam,
+            "beta": other.beta,
+            "dera_length": dera.mean_length, "retrained_length": other.mean_length,
+            "length_gap": evaluation.relative_gap(dera.mean_length, other.mean_length),
+            "dera_reward": dera.mean_reward, "retrained_reward": other.mean_reward,
+            "dera_kl": dera.kl, "retrained_kl": other.kl,
         })
     return rows
 
@@ -90,15 +95,14 @@ def _markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 
 def _plot_length(results: dict[str, Any], path: pathlib.Path) -> None:
-    dera = sorted(results["dera"], key=lambda r: r["lambda"])
-    retrained = sorted(results["retrained"], key=lambda r: r["lambda"])
+    dera, retrained = eval_rows(results, "dera"), eval_rows(results, "retrained")
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.errorbar([r["lambda"] for r in dera], [r["mean_length"] for r in dera],
-                yerr=[r["mean_length_sem"] for r in dera], marker="o", label="DeRa at lambda")
-    ax.errorbar([r["lambda"] for r in retrained], [r["mean_length"] for r in retrained],
-                yerr=[r["mean_length_sem"] for r in retrained], marker="s", linestyle="--",
+    ax.errorbar([r.lam for r in dera], [r.mean_length for r in dera],
+                yerr=[r.mean_length_sem for r in dera], marker="o", label="DeRa at lambda")
+    ax.errorbar([r.lam for r in retrained], [r.mean_length for r in retrained],
+                yerr=[r.mean_length_sem for r in retrained], marker="s", linestyle="--",
                 label="retrained at beta/lambda")
-    lambdas = [r["lambda"] for r in dera]
+    lambdas = [r.lam for r in dera]
     ax.set_xscale("symlog", linthresh=min([lam for lam in lambdas if lam > 0], default=1.0))
     ax.set_xticks(lambdas, [f"{lam:g}" for lam in lambdas])
     ax.minorticks_off()
@@ -114,11 +118,10 @@ def _plot_length(results: dict[str, Any], path: pathlib.Path) -> None:
 def _plot_reward_kl(results: dict[str, Any], path: pathlib.Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for key, marker, label in (("dera", "o", "DeRa"), ("retrained", "s", "retrained")):
-        rows = sorted(results[key], key=lambda r: r["lambda"])
-        ax.plot([r["kl"] for r in rows], [r["mean_reward"] for r in rows], marker=marker,
-                label=label)
+        rows = eval_rows(results, key)
+        ax.plot([r.kl for r in rows], [r.mean_reward for r in rows], marker=marker, label=label)
         for r in rows:
-            ax.annotate(f"{r['lambda']:g}", (r["kl"], r["mean_reward"]), fontsize=7,
+            ax.annotate(f"{r.lam:g}", (r.kl, r.mean_reward), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
     ax.set_xlabel("KL to the SFT model (nats per summary)")
     ax.set_ylabel("mean reward")

@@ -41,6 +41,7 @@ import numpy as np
 from dera_t5x import evaluation
 from dera_t5x import gin_utils
 from dera_t5x import models
+from dera_t5x import partitioning
 from dera_t5x.models.t5 import network
 from dera_t5x import realign
 from dera_t5x import report
@@ -89,8 +90,10 @@ class Evaluator:
 
     def __init__(self, model: models.Model, task_name: str, feature_lengths: dict[str, int],
                  rewards_by_name: dict[str, rewards.Reward], batch_size: int, num_samples: int,
-                 max_decode_len: int, seed: int, max_examples: int | None = None):
+                 max_decode_len: int, seed: int, max_examples: int | None = None,
+                 partitioner: partitioning.Partitioner | None = None):
         self.model = model
+        self.partitioner = partitioner
         self.task_name = task_name
         self.feature_lengths = feature_lengths
         self.rewards = dict(rewards_by_name)
@@ -112,7 +115,7 @@ class Evaluator:
                    **{name: [] for name in self.rewards}}
         for i, rows, out in realign.sweep_batches(
                 self.model, params_ref, params_aligned, inputs, lambdas,
-                batch_size=self.batch_size, seed=self.seed,
+                batch_size=self.batch_size, seed=self.seed, partitioner=self.partitioner,
                 max_decode_len=self.max_decode_len, temperature=1.0):
             batch = inputs[i * self.batch_size + rows]
             tokens = out.tokens[:, rows]
@@ -165,13 +168,16 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
         eval_batch_size: int = 50, max_eval_examples: int | None = None,
         max_decode_len: int = 64, rouge_margin: float = 2.0,
         gap_tolerance: float = 0.15, seed: int = 0,
-        aligner: Callable[..., Params] = rl_aligner) -> dict[str, Any]:
+        aligner: Callable[..., Params] = rl_aligner,
+        mesh_shape: Sequence[int] | None = None) -> dict[str, Any]:
     """Runs (or resumes) a whole pipeline and writes its report; returns report.json.
 
     `aligner` is the "align at beta" step (gin: `reproduce.run.aligner`),
     called as aligner(model_dir, model=, params_ref=, reward=, beta=,
     task_name=, feature_lengths=, max_decode_len=, seed=) for the base model
-    and for every model retrained at beta / lambda.
+    and for every model retrained at beta / lambda. `mesh_shape` places the
+    evaluation decodes and the reward model on a (data, model) mesh (RL and
+    SFT take theirs through gin: `rl.train_rl.mesh_shape`, ...).
     """
     lambdas = _check_lambdas(lambdas)
     if reward_kind not in ("length", "reward_model"):
@@ -181,6 +187,9 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
     out = pathlib.Path(output_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     model = models.for_config(model_config)
+    partitioner = partitioning.partitioner_for(mesh_shape, model.param_axes)
+    if partitioner is not None:
+        partitioner.check_batch_size(eval_batch_size)
     timings = {}
 
     def timed(name, fn):
@@ -189,40 +198,41 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
         return value
 
-    sft_params = timed("sft", lambda: sft.train_sft(str(out / "sft"), model_config=model_config,
+    params_ref = timed("sft", lambda: sft.train_sft(str(out / "sft"), model_config=model_config,
                                                     task_name=task_name,
                                                     feature_lengths=feature_lengths, seed=seed))
     if reward_kind == "length":
         reward = rewards.length_reward()
     else:
         rm_params = timed("reward_model", lambda: reward_model.train_reward_model(
-            str(out / "reward_model"), model=model, model_params=sft_params, seed=seed))
+            str(out / "reward_model"), model=model, model_params=params_ref, seed=seed,
+            mesh_shape=mesh_shape))
         reward = reward_model.as_reward(model, rm_params)
 
     def align(beta_value):
         return aligner(
-            str(out / f"rl_beta_{_fmt_beta(beta_value)}"), model=model, params_ref=sft_params,
+            str(out / f"rl_beta_{_fmt_beta(beta_value)}"), model=model, params_ref=params_ref,
             reward=reward, beta=beta_value, task_name=task_name,
             feature_lengths=feature_lengths, max_decode_len=max_decode_len, seed=seed)
 
     base_params = timed("rl_base", lambda: align(beta))
     evaluator = Evaluator(model, task_name, feature_lengths, {reward.name: reward},
                           eval_batch_size, num_eval_samples, max_decode_len, seed,
-                          max_eval_examples)
+                          max_eval_examples, partitioner)
 
     dera = timed("dera_sweep", lambda: _cached_json(
         out / f"dera_{eval_split}.json",
-        lambda: [row.to_json() for row in evaluator.evaluate(eval_split, sft_params,
+        lambda: [row.to_json() for row in evaluator.evaluate(eval_split, params_ref,
                                                              base_params, lambdas)]))
 
     def retrained_row(lam):
         if lam == 0.0:
-            params, beta_value = sft_params, None
+            params, beta_value = params_ref, None
         elif lam == 1.0:
             params, beta_value = base_params, beta
         else:
             params, beta_value = align(beta / lam), beta / lam
-        row = evaluator.evaluate(eval_split, sft_params, params, [1.0])[0]
+        row = evaluator.evaluate(eval_split, params_ref, params, [1.0])[0]
         return dataclasses.replace(row, lam=lam, beta=beta_value).to_json()
 
     retrained = [_cached_json(out / f"retrained_{eval_split}_lambda_{lam:g}.json",
@@ -230,7 +240,7 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
                  for lam in lambdas]
 
     selection = _cached_json(out / "selection.json", lambda: timed("selection", lambda: _select(
-        evaluator, dera, sft_params, base_params, lambdas, rouge_margin, eval_split,
+        evaluator, dera, params_ref, base_params, lambdas, rouge_margin, eval_split,
         test_split)))
 
     results = {
@@ -246,19 +256,19 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
     return report.write_report(out, results)
 
 
-def _select(evaluator: Evaluator, dera: list[dict[str, Any]], sft_params: Params,
+def _select(evaluator: Evaluator, dera: list[dict[str, Any]], params_ref: Params,
             base_params: Params, lambdas: Sequence[float], rouge_margin: float,
             eval_split: str, test_split: str) -> dict[str, Any]:
     """Picks lambda on validation data and evaluates it on the test split."""
     sft_rouge = next(row["rougeL"] for row in dera if row["lambda"] == 0.0) if 0.0 in lambdas \
-        else evaluator.evaluate(eval_split, sft_params, base_params, [0.0])[0].rouge["rougeL"]
+        else evaluator.evaluate(eval_split, params_ref, base_params, [0.0])[0].rouge["rougeL"]
     table = [{"lambda": row["lambda"], "mean_reward": row["mean_reward"],
               "rougeL": row["rougeL"], "eligible": row["rougeL"] >= sft_rouge - rouge_margin}
              for row in dera]
     eligible = [row for row in table if row["eligible"]] or table
     chosen = max(eligible, key=lambda row: row["mean_reward"])["lambda"]
     test_lambdas = [chosen, 1.0, 0.0]
-    test_rows = evaluator.evaluate(test_split, sft_params, base_params, test_lambdas)
+    test_rows = evaluator.evaluate(test_split, params_ref, base_params, test_lambdas)
     return {
         "objective": (f"Largest mean reward on the {eval_split} split among the lambdas whose "
                       f"ROUGE-L is at least the SFT model's minus {rouge_margin:g} "

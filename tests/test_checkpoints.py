@@ -70,8 +70,8 @@ def _to_hf_state_dict(params, config):
 
 
 def test_real_t5x_checkpoint_matches_pytorch(t5x_fixtures, tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch  # noqa: PLC0415  (a test dependency: a missing torch fails)
+    import transformers  # noqa: PLC0415
     from safetensors.torch import save_file
 
     path = t5x_fixtures / "test_t5_tiny.checkpoint_0"

@@ -127,6 +127,34 @@ _EIGHT_DEVICES = textwrap.dedent("""
                                                         rtol=1e-5, atol=1e-5),
                 state.params, reference.params)
             print(name, shape, "ok", losses)
+    from dera_t5x.training import reward_model
+    responses = rng.integers(2, 256, (16, 6)).astype(np.int32)
+    responses[:, 4], responses[:, 5] = 1, 0  # EOS, then padding
+    responses[::2, 3], responses[::2, 4] = 1, 0  # some end earlier
+    pairs = {"inputs": batch["encoder_input_tokens"], "chosen": responses[:8],
+             "rejected": responses[8:]}
+    rm_loss = lambda p, b, r: reward_model.pairwise_loss(model, p, b)
+
+    def run_reward_model(partitioner):
+        optimizer = trainer.make_optimizer("adamw", trainer.make_schedule("constant", 1e-2))
+        params = reward_model.init_params(model.init(jax.random.PRNGKey(0)), model.hidden_size)
+        state = trainer.TrainState.create(params, optimizer, 0)
+        step = trainer.make_train_step(rm_loss, optimizer, partitioner)
+        if partitioner is not None:
+            state = partitioner.shard_state(state)
+        for _ in range(3):
+            state, metrics = step(state, partitioner.shard_batch(pairs) if partitioner else pairs)
+        return state, float(metrics["loss"])
+
+    reference, ref_loss = run_reward_model(None)
+    for shape in ((2, 4), (4, 2)):
+        state, loss = run_reward_model(partitioning.Partitioner(shape, model.param_axes))
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-5)
+        jax.tree_util.tree_map(
+            lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                    rtol=1e-5, atol=1e-5),
+            state.params, reference.params)
+        print("reward model", shape, "ok")
     try:
         partitioning.Partitioner((4, 2)).shard_batch({"x": np.zeros((6, 3))})
     except ValueError as e:
@@ -143,3 +171,4 @@ def test_eight_devices_match_one():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count(" ok ") == 4 and "batch error ok" in result.stdout, result.stdout
+    assert result.stdout.count("reward model") == 2, result.stdout

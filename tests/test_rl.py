@@ -1,5 +1,6 @@
 """RL against known optima and its safeguards (small models, seconds)."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -99,6 +100,23 @@ def test_a_nan_reward_skips_the_batch():
                                         PROMPTS[:8], jax.random.PRNGKey(0))
     assert metrics is None
     jax.tree_util.tree_map(np.testing.assert_array_equal, new_params, params)
+
+
+def test_the_skipped_batch_counter_survives_a_resume(tmp_path):
+    """Two runs of the same model_dir (the second resumes at step 2): the count of
+    batches skipped for a non-finite reward goes on from the checkpoint."""
+    model = models.EncoderDecoderModel(network.T5Config(**{**CONFIG.__dict__,
+                                                           "vocab_size": 4096}))
+    ref = model.init(jax.random.PRNGKey(0))
+    nan_reward = rewards.Reward("nan", lambda p, x, y: jnp.full(y.shape[:1], jnp.nan))
+    for num_steps in (2, 4):
+        rl.train_rl(str(tmp_path), model=model, params_ref=ref, reward=nan_reward,
+                    config=rl.RLConfig(beta=0.1, max_decode_len=3), task_name="xsum_bundled",
+                    feature_lengths={"inputs": 16, "targets": 8}, batch_size=2,
+                    num_steps=num_steps, checkpoint_every=1)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    skipped = {line["step"]: line["train/skipped_batches"] for line in lines}
+    assert skipped[2] == 2.0 and skipped[4] == 4.0
 
 
 def test_a_reference_of_another_architecture_is_refused(tmp_path):

@@ -10,7 +10,7 @@ params (from an SFT or pre-trained checkpoint), 'head': the scalar head}.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import gin
 import jax
@@ -19,6 +19,7 @@ import numpy as np
 
 from dera_t5x import batching
 from dera_t5x import models
+from dera_t5x import partitioning
 from dera_t5x.models import protocol
 from dera_t5x.training import rewards
 from dera_t5x.training import scalar_head
@@ -108,11 +109,17 @@ def train_reward_model(model_dir: str, *, model: models.Model, model_params: Par
                        task_name: str = "factual_pairs",
                        feature_lengths: dict[str, int] = gin.REQUIRED, batch_size: int = 16,
                        num_steps: int = 200, optimizer=None, seed: int = 0,
-                       checkpoint_every: int = 100, eval_split: str = "validation") -> Params:
+                       checkpoint_every: int = 100, eval_split: str = "validation",
+                       mesh_shape: Sequence[int] | None = None) -> Params:
     """Trains a Bradley-Terry reward model from a model's params (e.g. the SFT model's).
 
     Held-out pairwise accuracy is written to the metrics as `eval/accuracy`.
+    With several devices (or a `mesh_shape` (data, model)) the state is placed
+    by the model's partitioning rules and each batch split over 'data', as SFT.
     """
+    partitioner = partitioning.partitioner_for(mesh_shape, model.param_axes)
+    if partitioner is not None:
+        partitioner.check_batch_size(batch_size)
     train = _preference_arrays(task_name, "train", feature_lengths)
     held_out = _preference_arrays(task_name, eval_split, feature_lengths)
     optimizer = optimizer if optimizer is not None else trainer.make_optimizer(name="adamw")
@@ -121,10 +128,10 @@ def train_reward_model(model_dir: str, *, model: models.Model, model_params: Par
     state = trainer.TrainState.create(init_params(model_params, model.hidden_size),
                                       optimizer, seed)
     step = trainer.make_train_step(lambda p, batch, rng: pairwise_loss(model, p, batch),
-                                   optimizer)
+                                   optimizer, partitioner)
     state = trainer.train_loop(
         state, step, lambda start: batching.train_batches(train, batch_size, seed, start),
         num_steps=num_steps, model_dir=model_dir, checkpoint_every=checkpoint_every,
         eval_fn=lambda p: {"accuracy": pairwise_accuracy(model, p, held_out)},
-        description="reward model")
+        description="reward model", partitioner=partitioner)
     return state.params

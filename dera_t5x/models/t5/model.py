@@ -164,8 +164,11 @@ class EncoderDecoderModel:
           exclude_banned: p is the distribution generation samples from
             (padding excluded); without it, the network's full softmax.
         """
-        _no_prompt_lengths(prompt_lengths)
-        logits = self.logits(params, inputs, shift_right(responses), dropout_rng)
+        # Through response_states, as the RL policy reads its log-probs: the
+        # same computation, so a policy equal to its reference has KL 0 exactly.
+        _, logits = self.response_states(params, inputs, responses,
+                                         prompt_lengths=prompt_lengths, dropout_rng=dropout_rng)
+        logits = logits[:, :-1]
         if exclude_banned:
             logits = exclude_padding(logits)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
