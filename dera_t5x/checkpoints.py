@@ -140,7 +140,8 @@ def load_hf(path: str | pathlib.Path, dtype: str | None = None) -> tuple[Any, Pa
 
     The directory holds `config.json` and `model.safetensors` (or a sharded
     `model.safetensors.index.json`); each family maps the tensor names
-    (`models/<family>/hf.py`).
+    (`models/<family>/hf.py`). `dtype` (decoder-only families only): the
+    parameters' dtype, e.g. "bfloat16"; None gives float32.
 
     Raises:
       FileNotFoundError: no such directory, no config.json or no weights.

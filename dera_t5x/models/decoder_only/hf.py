@@ -180,10 +180,10 @@ def _tensor(tensors: dict[str, np.ndarray], theirs: str, ours: str, transpose: b
         raise ValueError(f"{path}: tensor {theirs} has shape {value.shape}, so parameter "
                          f"{ours} has shape {result.shape} but the model config "
                          f"expects {tuple(expected)}.")
-    result = np.ascontiguousarray(result.astype(np.float32).astype(dtype, copy=False))
-    if not np.all(np.isfinite(result.astype(np.float32, copy=False))):
+    as_float32 = np.ascontiguousarray(result, dtype=np.float32)
+    if not np.all(np.isfinite(as_float32)):
         raise ValueError(f"{path}: tensor {theirs} holds non-finite values (inf or NaN).")
-    return result
+    return as_float32.astype(dtype, copy=False)
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], config: network.DecoderOnlyConfig,

@@ -103,6 +103,11 @@ class DecoderOnlyModel:
         return self.config.eos_token_ids
 
     @property
+    def hidden_size(self) -> int:
+        """The width of `response_states`."""
+        return self.config.hidden_size
+
+    @property
     def module(self) -> network.DecoderOnlyLM:
         return network.DecoderOnlyLM(self.config)
 
@@ -133,13 +138,21 @@ class DecoderOnlyModel:
           batch: `decoder_input_tokens` (the targets shifted right),
             `decoder_target_tokens` and `decoder_loss_weights` [batch, len],
             right-padded; the weights are required, since 0 is a real token
-            in these vocabularies.
+            in these vocabularies. Packed (`decoder_segment_ids`,
+            `decoder_positions`) and prefix-LM (`decoder_causal_attention`)
+            batches are refused.
           dropout_rng: ignored (no dropout).
         Returns:
           (loss, metrics) with metrics `loss`, `z_loss`, `accuracy`,
           `num_tokens` (all scalars).
         """
         del dropout_rng
+        unsupported = sorted({"decoder_segment_ids", "decoder_positions",
+                              "decoder_causal_attention"} & set(batch))
+        if unsupported:
+            raise ValueError(f"DecoderOnlyModel.loss does not support packed or prefix-LM "
+                             f"batches (features {unsupported}); use unpacked, "
+                             "right-padded sequences with a causal mask.")
         if "decoder_loss_weights" not in batch:
             raise ValueError("DecoderOnlyModel.loss needs batch['decoder_loss_weights']: a "
                              "decoder-only vocabulary has no padding id to infer them from.")
