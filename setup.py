@@ -13,6 +13,7 @@ setuptools.setup(
         "absl-py==2.5.1",
         "flax==0.12.8",
         "gin-config==0.5.0",
+        "jinja2==3.1.6",
         "jax==0.10.2",
         "jaxlib==0.10.2",
         "matplotlib==3.11.2",
@@ -29,6 +30,7 @@ setuptools.setup(
         "tensorboard==2.21.0",
         "tensorflow-text==2.21.1",
         "tensorstore==0.1.86",
+        "tokenizers==0.23.3",
         "tqdm==4.70.1",
     ],
     extras_require={

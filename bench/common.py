@@ -1,6 +1,6 @@
-"""What the benchmarks share: the model shapes, random Hugging Face T5s that
-both sides load, median wall-clock times taken in turns, and this machine's
-memory bandwidth."""
+"""What the benchmarks share: the model shapes, random Hugging Face T5s and
+decoder-only LMs that both sides load, the authors' DeRa logits processor,
+median wall-clock times taken in turns, and this machine's memory bandwidth."""
 
 from __future__ import annotations
 
@@ -48,6 +48,62 @@ def random_hf_t5(shape: str, directory: pathlib.Path, seed: int = 0
     (directory / "config.json").write_text(json.dumps(
         dict(config.to_dict(), tie_word_embeddings=tied)))
     return model
+
+
+# Hugging Face config fields of the benchmarked decoder-only shapes. No EOS:
+# every side decodes the full length.
+DECODER_ONLY_SHAPES = {
+    "mistral_small": dict(model_type="mistral", vocab_size=32000, hidden_size=256,
+                          intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
+                          num_key_value_heads=4, max_position_embeddings=4096,
+                          sliding_window=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=None),
+}
+_CAUSAL_LM_CLASSES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+}
+
+
+def random_hf_causal_lm(shape: str, directory: pathlib.Path, seed: int = 0
+                        ) -> transformers.PreTrainedModel:
+    """A random-weight float32 PyTorch causal LM of `shape` (eval mode), also
+    written to `directory` as `config.json` + `model.safetensors` (for
+    `checkpoints.load_hf`)."""
+    fields = dict(DECODER_ONLY_SHAPES[shape])
+    config_class, model_class = _CAUSAL_LM_CLASSES[fields.pop("model_type")]
+    torch.manual_seed(seed)
+    model = model_class(config_class(**fields)).eval()
+    model.generation_config.eos_token_id = None
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
+              str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(model.config.to_dict()))
+    return model
+
+
+class RealignLogitsProcessor(transformers.LogitsProcessor):
+    """The DeRa authors' approach: a logits processor inside transformers
+    `generate` (which runs the aligned model) that runs the reference model on
+    the same prefix with its own KV cache, and returns
+    lam * (aligned_scores - ref_scores) + ref_scores. Its first call reads
+    the whole prefix; later ones only the tokens added since."""
+
+    def __init__(self, ref_model: torch.nn.Module, lam: float):
+        self.ref_model = ref_model
+        self.lam = lam
+        self.past = None
+        self.seen = 0
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor
+                 ) -> torch.FloatTensor:
+        new = input_ids if self.past is None else input_ids[:, self.seen:]
+        out = self.ref_model(input_ids=new, past_key_values=self.past, use_cache=True)
+        self.past, self.seen = out.past_key_values, input_ids.shape[1]
+        ref_scores = out.logits[:, -1].float()
+        return self.lam * (scores - ref_scores) + ref_scores
 
 
 def median_times(fns: Sequence[Callable[[], object]], reps: int, warmup: int = 1

@@ -1,7 +1,13 @@
-r"""DeRa decoding speed: our compiled scans vs transformers' PyTorch T5.
+r"""DeRa decoding speed: our compiled scans vs transformers' PyTorch T5 and
+decoder-only (Mistral-shaped) models.
 
-    python bench/decode.py [--shapes=tiny,t5_small] [--batches=tiny:16,t5_small:16+64]
+    python bench/decode.py [--families=t5,decoder_only]
+                           [--shapes=tiny,t5_small] [--batches=tiny:16,t5_small:16+64]
                            [--reps=3] [--steps=32] [--inputs=128]
+                           [--prompts=8] [--prompt_len=48] [--new_tokens=48]
+                           [--torch_threads=0]
+
+T5 rows (--families=t5):
 
 Both sides load the same random weights (two transformers T5s saved as
 safetensors and read with `checkpoints.load_hf_t5`), take --inputs random
@@ -38,6 +44,30 @@ end before `max_decode_len`: our DeRa step (`realign.tokens_to_logits`) in
 every step ends a row with probability --eos_prob (geometric lengths, mean
 1 / eos_prob), run for all --exit_steps steps and with chunks of --chunk
 steps (the same tokens, checked).
+
+Decoder-only rows (--families=decoder_only): a random Mistral-shaped pair
+(`common.DECODER_ONLY_SHAPES`: hidden 256, 4 layers, 8 heads, 4 KV heads, MLP
+704, vocab 32000, no EOS) written as safetensors and read with
+`checkpoints.load_hf`, so both sides hold the same weights; --prompts prompts
+of --prompt_len random tokens, --new_tokens greedy new tokens, float32,
+lambda 0.5. Timed in turns after a warm-up call:
+
+  do_ours_dera     one batched `realign.dera_decode` call (jitted; its compile
+                   is the first call minus a warm one, reported apart)
+  do_authors       the authors' approach: transformers `generate` on the
+                   aligned model with their logits processor
+                   (`common.RealignLogitsProcessor`, which runs the reference
+                   model with its own KV cache), one prompt a call
+  do_torch_loop    a batched PyTorch two-model loop: both models prefill the
+                   batch, then each step feeds the chosen tokens to both with
+                   their `past_key_values`, mixes the last logits and argmaxes
+  do_ours_sweep8   `realign.dera_sweep` over 8 lambdas, against 8 separate
+                   `dera_decode` calls (8 x do_ours_dera)
+
+The three DeRa sides must give the same tokens (checked per row), and the
+sweep's lambda = 0.5 row must equal `dera_decode`. Targets: ours at least 5x
+the authors' approach and at least 1.0x the batched loop. --torch_threads
+sets PyTorch's intra-op threads (0: its default).
 """
 
 from __future__ import annotations
@@ -54,6 +84,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+import transformers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
@@ -235,6 +266,125 @@ def bench_early_exit(shape: str, batch: int, in_len: int, steps: int, chunk: int
             "exit_chunk": chunk}
 
 
+def _decoder_only_pair(shape: str):
+    """Two random causal LMs of `shape`: (torch ref, torch aligned), and
+    (config, params_ref, params_aligned) read back from their safetensors."""
+    torch_models, params = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed, name in ((0, "ref"), (1, "aligned")):
+            directory = pathlib.Path(tmp) / name
+            torch_models.append(common.random_hf_causal_lm(shape, directory, seed))
+            config, loaded = checkpoints.load_hf(directory)
+            params.append(loaded)
+    return tuple(torch_models), (config, *params)
+
+
+@torch.no_grad()
+def _authors_dera(ref, aligned, prompts: torch.Tensor, lam: float, steps: int) -> np.ndarray:
+    """The authors' approach, one prompt per `generate` call: [batch, steps]."""
+    rows = []
+    for prompt in prompts:
+        prompt = prompt[None]
+        processors = transformers.LogitsProcessorList([common.RealignLogitsProcessor(ref, lam)])
+        out = aligned.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                               num_beams=1, max_new_tokens=steps, pad_token_id=0,
+                               logits_processor=processors)
+        rows.append(out[0, prompt.shape[1]:])
+    return torch.stack(rows).cpu().numpy()
+
+
+@torch.no_grad()
+def _torch_batched_dera(ref, aligned, prompts: torch.Tensor, lam: float, steps: int
+                        ) -> np.ndarray:
+    """Greedy DeRa of the whole batch in eager PyTorch, a KV cache per model:
+    [batch, steps]. The prompts are unpadded (all of one length)."""
+    kwargs = dict(use_cache=True, logits_to_keep=1)
+    r, a = ref(input_ids=prompts, **kwargs), aligned(input_ids=prompts, **kwargs)
+    out = []
+    for t in range(steps):
+        mixed = lam * a.logits[:, -1] + (1 - lam) * r.logits[:, -1]
+        tokens = mixed.argmax(-1, keepdim=True)
+        out.append(tokens)
+        if t + 1 < steps:
+            r = ref(input_ids=tokens, past_key_values=r.past_key_values, **kwargs)
+            a = aligned(input_ids=tokens, past_key_values=a.past_key_values, **kwargs)
+    return torch.cat(out, 1).cpu().numpy()
+
+
+def bench_decoder_only(shape: str, batch: int, prompt_len: int, steps: int, reps: int,
+                       torch_device: str) -> dict:
+    """The decoder-only rows: {figure: value}."""
+    (ref, aligned), (config, params_ref, params_aligned) = _decoder_only_pair(shape)
+    ref, aligned = ref.to(torch_device), aligned.to(torch_device)
+    model = models.for_config(config)
+    assert model.eos_ids == (), "the benchmarked shape decodes every step (no EOS)"
+    inputs = np.random.default_rng(0).integers(2, config.vocab_size, size=(batch, prompt_len),
+                                                dtype=np.int32)
+    prompt_lengths = np.full(batch, prompt_len, np.int32)
+    prompts = torch.tensor(inputs, dtype=torch.long, device=torch_device)
+    kwargs = dict(prompt_lengths=prompt_lengths, max_decode_len=steps,
+                  rng=jax.random.PRNGKey(0), temperature=0.0)
+    rows = {
+        "ours_dera": lambda: np.asarray(realign.dera_decode(
+            model, params_ref, params_aligned, inputs, np.full(batch, LAMBDA), **kwargs).tokens),
+        "ours_sweep8": lambda: np.asarray(realign.dera_sweep(
+            model, params_ref, params_aligned, inputs, SWEEP, **kwargs).tokens),
+        "authors": lambda: _authors_dera(ref, aligned, prompts, LAMBDA, steps),
+        "torch_loop": lambda: _torch_batched_dera(ref, aligned, prompts, LAMBDA, steps),
+    }
+    first = {name: _first_call(fn) for name, fn in rows.items()}
+    tokens = {name: value[0] for name, value in first.items()}
+    seconds = dict(zip(rows, common.median_times(list(rows.values()), reps, warmup=0)))
+    ours = tokens["ours_dera"]
+    r = {"batch": batch, "prompt_len": prompt_len, "steps": steps,
+         "authors_tokens_agree": float(np.mean(np.all(tokens["authors"] == ours, axis=1))),
+         "torch_loop_tokens_agree": float(np.mean(np.all(tokens["torch_loop"] == ours, axis=1))),
+         "sweep_matches_dera": bool(np.array_equal(tokens["ours_sweep8"][SWEEP.index(LAMBDA)],
+                                                   ours))}
+    for name in rows:
+        sequences = batch * (len(SWEEP) if name == "ours_sweep8" else 1)
+        r[f"{name}_s"] = seconds[name]
+        r[f"{name}_tokens_per_s"] = sequences * steps / seconds[name]
+        if name.startswith("ours"):
+            r[f"{name}_compile_s"] = first[name][1] - seconds[name]
+    t = seconds
+    r["dera_vs_authors_speedup"] = t["authors"] / t["ours_dera"]
+    r["dera_vs_torch_loop_speedup"] = t["torch_loop"] / t["ours_dera"]
+    r["sweep8_vs_8_dera_calls_speedup"] = len(SWEEP) * t["ours_dera"] / t["ours_sweep8"]
+    r["sweep8_vs_8_torch_loops_speedup"] = len(SWEEP) * t["torch_loop"] / t["ours_sweep8"]
+    return r
+
+
+# The issue's decoder-only targets: (figure, comparison, bound).
+DECODER_ONLY_TARGETS = (
+    ("dera_vs_authors_speedup", ">=", 5.0),
+    ("dera_vs_torch_loop_speedup", ">=", 1.0),
+)
+
+
+def _print_decoder_only(shape: str, r: dict) -> dict[str, bool]:
+    """Prints the decoder-only rows and targets; returns {target: met}."""
+    print(f"{shape} (decoder-only), {r['batch']} prompts of {r['prompt_len']} tokens, "
+          f"{r['steps']} new tokens:", flush=True)
+    for name in ("ours_dera", "ours_sweep8", "authors", "torch_loop"):
+        compile_s = r.get(f"{name}_compile_s")
+        print(f"  {name:12s} {r[f'{name}_s']:8.3f} s  {r[f'{name}_tokens_per_s']:9.0f} tokens/s"
+              + (f"  compile {compile_s:.1f} s" if compile_s is not None else ""), flush=True)
+    print(f"  DeRa vs the authors' processor {r['dera_vs_authors_speedup']:.2f}x, vs the "
+          f"batched PyTorch loop {r['dera_vs_torch_loop_speedup']:.2f}x; sweep of 8 vs 8 calls "
+          f"{r['sweep8_vs_8_dera_calls_speedup']:.2f}x (vs 8 batched loops "
+          f"{r['sweep8_vs_8_torch_loops_speedup']:.2f}x); tokens agree with ours: authors "
+          f"{100 * r['authors_tokens_agree']:.0f}%, loop {100 * r['torch_loop_tokens_agree']:.0f}%"
+          f" of rows, sweep = dera_decode: {r['sweep_matches_dera']}", flush=True)
+    met = {}
+    for figure, op, bound in DECODER_ONLY_TARGETS:
+        ok = r[figure] >= bound if op == ">=" else r[figure] <= bound
+        met[f"{shape}_{figure}"] = ok
+        print(f"  {'met   ' if ok else 'MISSED'} {shape}: {figure} {r[figure]:.2f} "
+              f"(target {op} {bound})", flush=True)
+    return met
+
+
 # (figure, batch, comparison, bound): the issue's targets; batch None = every batch.
 TARGETS = (
     ("tiny", 16, "dera_vs_torch_two_model_speedup", ">=", 5.0),
@@ -291,8 +441,13 @@ def _parse_batches(text: str, shapes: list[str]) -> dict[str, list[int]]:
     return batches
 
 
+FAMILIES = ("t5", "decoder_only")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--families", default=",".join(FAMILIES),
+                        help="which rows to run: t5, decoder_only or both")
     parser.add_argument("--shapes", default="tiny,t5_small")
     parser.add_argument("--batches", default="tiny:16,t5_small:16+64",
                         help="batch sizes per shape: shape:b1+b2,...")
@@ -302,18 +457,34 @@ def main() -> None:
     parser.add_argument("--exit_steps", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=8)
     parser.add_argument("--eos_prob", type=float, default=0.08)
+    parser.add_argument("--decoder_only_shape", default="mistral_small")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompt_len", type=int, default=48)
+    parser.add_argument("--new_tokens", type=int, default=48)
+    parser.add_argument("--torch_threads", type=int, default=0,
+                        help="PyTorch intra-op threads; 0 keeps its default")
     parser.add_argument("--torch_device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    shapes = args.shapes.split(",")
+    families = args.families.split(",")
+    if set(families) - set(FAMILIES):
+        parser.error(f"unknown families {sorted(set(families) - set(FAMILIES))}; choose from "
+                     f"{list(FAMILIES)}.")
+    if args.decoder_only_shape not in common.DECODER_ONLY_SHAPES:
+        parser.error(f"unknown --decoder_only_shape; choose from "
+                     f"{sorted(common.DECODER_ONLY_SHAPES)}.")
+    shapes = args.shapes.split(",") if "t5" in families else []
     unknown = set(shapes) - set(common.SHAPES)
     if unknown:
         parser.error(f"unknown shapes {sorted(unknown)}; choose from {sorted(common.SHAPES)}.")
     batches = _parse_batches(args.batches, shapes)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     bandwidth = common.memory_bandwidth()
-    print(f"memory bandwidth ({jax.devices()[0].platform}): {bandwidth / 1e9:.1f} GB/s",
-          flush=True)
+    print(f"memory bandwidth ({jax.devices()[0].platform}): {bandwidth / 1e9:.1f} GB/s; "
+          f"PyTorch threads: {torch.get_num_threads()}", flush=True)
     figures = {"device": jax.devices()[0].platform, "torch_device": args.torch_device,
-               "inputs": args.inputs, "steps": args.steps, "memory_bandwidth": bandwidth}
+               "torch_threads": torch.get_num_threads(), "inputs": args.inputs,
+               "steps": args.steps, "memory_bandwidth": bandwidth}
     results = {}
     for shape in shapes:
         results[shape] = bench_shape(shape, batches[shape], args.inputs, args.steps, args.reps,
@@ -333,8 +504,17 @@ def main() -> None:
               f"{e['exit_full_s']:.3f}s all steps vs {e['exit_early_s']:.3f}s with chunks of "
               f"{e['exit_chunk']} ({e['exit_speedup']:.2f}x), tokens identical: "
               f"{e['exit_identical']}", flush=True)
-    print("targets:")
-    figures.update({f"target_{k}": v for k, v in _check_targets(results).items()})
+    met = {}
+    if "decoder_only" in families:
+        shape = args.decoder_only_shape
+        r = bench_decoder_only(shape, args.prompts, args.prompt_len, args.new_tokens,
+                               args.reps, args.torch_device)
+        figures.update({f"{shape}_{k}": v for k, v in r.items()})
+        met.update(_print_decoder_only(shape, r))
+    if shapes:
+        print("targets:")
+        met.update(_check_targets(results))
+    figures.update({f"target_{k}": v for k, v in met.items()})
     print(json.dumps(figures))
 
 

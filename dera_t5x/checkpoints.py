@@ -15,22 +15,36 @@ safetensors, and T5X checkpoints. Nothing here ever unpickles.
   holds, checked against `config`.
 
 Parameters come back as float32 numpy arrays in the family's tree.
+
+Integrity: nothing damaged loads silently. `save_params` (and the trainer's
+checkpoints) record a sha256 per array (`tree_checksums`), verified on every
+restore; the error names the checkpoint and the array. Checkpoints others
+wrote carry no checksums of ours: every parameter is checked finite (file and
+tensor named), a missing zarr chunk of a T5X checkpoint is an error (never
+zeros), and truncated files (`model.safetensors`, orbax `_METADATA`, a T5X
+msgpack) are errors naming the file. All are `CheckpointIntegrityError`, a
+`ValueError`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import shutil
 from typing import Any
 
 import flax.serialization
 import flax.traverse_util
 import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import safetensors.numpy
 import tensorstore as ts
 
+from dera_t5x import integrity
 from dera_t5x import models
 from dera_t5x.models.decoder_only import hf as decoder_only_hf
 from dera_t5x.models.t5 import hf as t5_hf
@@ -51,19 +65,47 @@ _HF_OTHER_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_mo
                      "flax_model.msgpack", "model.ckpt.index")
 
 
+# Re-exported: the errors and checks callers of this module meet.
+CheckpointIntegrityError = integrity.CheckpointIntegrityError
+check_finite = integrity.check_finite
+CHECKSUMS_FILE = "dera_checksums.json"  # inside a save_params directory
+
+
 # ---------------------------------------------------------------------- orbax
 
 
 def save_params(path: str | pathlib.Path, params: Params) -> None:
-    """Writes params with orbax to `path` (replaced if it exists).
+    """Writes params with orbax to `path` (replaced if it exists), with a
+    manifest of per-array sha256 checksums (`dera_checksums.json` inside).
+
+    The checkpoint is written to a sibling `.<name>.saving` folder and renamed
+    into place with its manifest, so `path` never holds a checkpoint without
+    checksums.
 
     Args:
       path: a directory; made absolute, as orbax requires.
       params: any pytree of arrays.
     """
     path = pathlib.Path(path).absolute()
+    host = jax.device_get(params)
+    saving = path.with_name(f".{path.name}.saving")
+    old = path.with_name(f".{path.name}.old")
+    lead = jax.process_index() == 0
+    if lead:
+        for leftover in (saving, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path, jax.device_get(params), force=True)
+        checkpointer.save(saving, host, force=True)
+    if lead:
+        integrity.write_json_atomically(saving / CHECKSUMS_FILE, integrity.tree_checksums(host))
+        if path.exists():
+            path.rename(old)
+        saving.rename(path)
+        if old.exists():
+            shutil.rmtree(old)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"save_params {path}")
 
 
 def _is_orbax_dir(path: pathlib.Path) -> bool:
@@ -71,17 +113,21 @@ def _is_orbax_dir(path: pathlib.Path) -> bool:
 
 
 def restore_params(path: str | pathlib.Path, target: Params | None = None) -> Params:
-    """Reads params written by `save_params`.
+    """Reads params written by `save_params`, verified against their checksums.
 
     Args:
       path: the directory given to `save_params`.
       target: optional pytree to restore into: jax arrays (the result is
         placed as they are) or `jax.ShapeDtypeStruct`s with shardings; None,
-        numpy arrays or structs without sharding give numpy arrays.
+        numpy arrays or structs without sharding give numpy arrays. A target
+        dtype other than the saved one is read as saved, verified, then cast.
 
     Raises:
       FileNotFoundError: nothing at `path`.
       ValueError: `path` is not an orbax checkpoint.
+      CheckpointIntegrityError (a ValueError): no checksum manifest (see
+        `integrity.UNVERIFIED_ENV`), an array that differs from its checksum, a damaged
+        `_METADATA`, or a parameter holding NaN / inf; the message names it.
     """
     path = pathlib.Path(path).absolute()
     if not path.exists():
@@ -89,11 +135,28 @@ def restore_params(path: str | pathlib.Path, target: Params | None = None) -> Pa
     if not _is_orbax_dir(path):
         raise ValueError(f"{path} is not an orbax checkpoint written by save_params (no "
                          "_METADATA); for Hugging Face or T5X checkpoints use load_params.")
-    with ocp.StandardCheckpointer() as checkpointer:
-        if target is None:
-            return checkpointer.restore(path)
+    manifest = integrity.read_checksums(path / CHECKSUMS_FILE, path)
+    integrity.check_orbax_metadata(path, path)
+    abstract = None
+    if target is not None:
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-        return checkpointer.restore(path, abstract)
+        if manifest is not None:  # Read as saved; cast after verifying.
+            recorded = manifest["arrays"]
+            abstract = jax.tree_util.tree_map_with_path(
+                lambda p, s: s.update(dtype=np.dtype(recorded[integrity.key_name(p)]["dtype"]))
+                if integrity.key_name(p) in recorded else s, abstract)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(path, abstract)
+    except CheckpointIntegrityError:
+        raise
+    except Exception as e:  # noqa: BLE001  (orbax / tensorstore raise many kinds)
+        raise integrity.orbax_error(path, e) from e
+    integrity.verify_checksums(restored, manifest, path)
+    if target is not None:
+        restored = jax.tree_util.tree_map(
+            lambda x, t: x if x.dtype == t.dtype else x.astype(t.dtype), restored, target)
+    return check_finite(restored, path)
 
 
 # --------------------------------------------------------------------- checks
@@ -111,19 +174,41 @@ def _float32(tree: Params) -> Params:
 # --------------------------------------------------------------- Hugging Face
 
 
+def _load_safetensors_file(file: pathlib.Path) -> dict[str, np.ndarray]:
+    """The tensors of one safetensors file, each checked finite; a truncated or
+    damaged file is an error naming it (the library's own message says neither)."""
+    try:
+        tensors = safetensors.numpy.load_file(str(file))
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+        raise CheckpointIntegrityError(
+            f"{file} cannot be read as safetensors ({type(e).__name__}: {e}); the file is "
+            "truncated or damaged. Download or copy it again.") from e
+    for name, value in tensors.items():
+        if jnp.issubdtype(value.dtype, jnp.inexact) and not np.all(np.isfinite(value)):
+            raise CheckpointIntegrityError(
+                f"{file}: tensor {name} holds non-finite values (NaN or inf); the checkpoint "
+                "is damaged or was saved from a diverged run.")
+    return tensors
+
+
 def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
     """All tensors of `model.safetensors` or of the shards its index lists."""
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
     if single.exists():
-        return safetensors.numpy.load_file(str(single))
+        return _load_safetensors_file(single)
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointIntegrityError(
+                f"{index} is not a valid safetensors index (a JSON object with a "
+                f"'weight_map'): {type(e).__name__}: {e}. Download or copy it again.") from e
         tensors = {}
         for name in files:
             if not (path / name).exists():
                 raise FileNotFoundError(f"{index} lists the shard {name}, which is missing.")
-            tensors.update(safetensors.numpy.load_file(str(path / name)))
+            tensors.update(_load_safetensors_file(path / name))
         return tensors
     others = [name for name in _HF_OTHER_WEIGHTS if (path / name).exists()]
     if others:
@@ -231,10 +316,35 @@ def _read_tensorstore(spec: dict[str, Any], checkpoint_dir: str) -> np.ndarray:
         raise FileNotFoundError(f"{checkpoint_dir}: the array folder {relative} is missing; "
                                 "copy the whole checkpoint folder, not only its msgpack file.")
     try:
-        store = ts.open(spec, open=True, assume_metadata=True).result()
+        ts.open(spec, open=True, assume_metadata=True).result()
+        options = {"assume_metadata": True}
     except ValueError:  # A spec without complete metadata: read the folder's .zarray.
-        store = ts.open(spec, open=True).result()
-    return store.read().result()
+        options = {}
+    return _read_zarr(spec, options, checkpoint_dir, relative)
+
+
+def _read_zarr(spec: dict[str, Any], options: dict[str, Any], checkpoint_dir: str,
+               name: str) -> np.ndarray:
+    """Reads a zarr array; a chunk missing from its folder is an error.
+
+    zarr reads a missing chunk as the fill value (zeros when the metadata has
+    none, as T5X writes it), so a damaged copy would load silently. Unless the
+    metadata declares a fill value (then a missing chunk legitimately holds
+    it), missing chunks are refused, naming the array.
+    """
+    try:
+        store = ts.open(spec, open=True, **options).result()
+        if store.fill_value is None:
+            store = ts.open(dict(spec, fill_missing_data_reads=False), open=True,
+                            **options).result()
+        return store.read().result()
+    except ValueError as e:
+        if "NOT_FOUND" in str(e) or "missing" in str(e):
+            raise CheckpointIntegrityError(
+                f"{checkpoint_dir}: array {name} is incomplete: {e}. The checkpoint was "
+                "copied or written partially; copy the whole checkpoint folder again.") from e
+        raise CheckpointIntegrityError(
+            f"{checkpoint_dir}: array {name} cannot be read ({e}); its files are damaged.") from e
 
 
 def _read_placeholder(name: str, checkpoint_dir: str) -> np.ndarray:
@@ -245,7 +355,7 @@ def _read_placeholder(name: str, checkpoint_dir: str) -> np.ndarray:
             f"{checkpoint_dir}: array {name} of this orbax-era T5X checkpoint has no zarr "
             "metadata (.zarray) beside its chunks; this layout is not supported. Restore it "
             "with T5X and re-save it as a legacy (msgpack + tensorstore) checkpoint.")
-    return ts.open({"driver": "zarr", "kvstore": kvstore}, open=True).result().read().result()
+    return _read_zarr({"driver": "zarr", "kvstore": kvstore}, {}, checkpoint_dir, name)
 
 
 def _read_bytes(path: str) -> bytes:
@@ -286,7 +396,13 @@ def read_t5x_msgpack_tree(path: str | pathlib.Path) -> dict[str, Any]:
         if not local.is_file():
             raise FileNotFoundError(f"No T5X checkpoint file at {local}.")
         path_str, checkpoint_dir = str(local), str(local.parent)
-    tree = flax.serialization.msgpack_restore(_read_bytes(path_str))
+    data = _read_bytes(path_str)
+    try:
+        tree = flax.serialization.msgpack_restore(data)
+    except Exception as e:  # noqa: BLE001  (msgpack raises several kinds)
+        raise CheckpointIntegrityError(
+            f"{path_str} cannot be read as a T5X msgpack checkpoint ({type(e).__name__}: "
+            f"{e}); the file is truncated or damaged. Copy it again.") from e
 
     def resolve(node):
         if _is_tensorstore_spec(node):
@@ -300,6 +416,16 @@ def read_t5x_msgpack_tree(path: str | pathlib.Path) -> dict[str, Any]:
     return resolve(tree)
 
 
+def _restore_t5x_orbax(state: pathlib.Path) -> Any:
+    """T5X's standard orbax `state` folder (no checksums of ours: T5X wrote it)."""
+    integrity.check_orbax_metadata(state, state)
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            return checkpointer.restore(state.absolute())
+    except Exception as e:  # noqa: BLE001  (orbax / tensorstore raise many kinds)
+        raise integrity.orbax_error(state, e) from e
+
+
 def _read_t5x_tree(path: str | pathlib.Path) -> dict[str, Any]:
     """The T5X state tree of any supported layout."""
     local = pathlib.Path(path) if not str(path).startswith("gs://") else None
@@ -309,11 +435,9 @@ def _read_t5x_tree(path: str | pathlib.Path) -> dict[str, Any]:
             return read_t5x_msgpack_tree(state)
         if not _is_orbax_dir(state):
             raise ValueError(f"{state} is neither a msgpack nor an orbax T5X state.")
-        with ocp.PyTreeCheckpointer() as checkpointer:
-            return checkpointer.restore(state.absolute())
+        return _restore_t5x_orbax(state)
     if local is not None and local.is_dir() and _is_orbax_dir(local) and local.name == "state":
-        with ocp.PyTreeCheckpointer() as checkpointer:
-            return checkpointer.restore(local.absolute())
+        return _restore_t5x_orbax(local)
     return read_t5x_msgpack_tree(path)
 
 
@@ -347,7 +471,7 @@ def load_t5x_checkpoint(path: str | pathlib.Path, config: network.T5Config) -> P
         keys = sorted(tree)[:5] if isinstance(tree, dict) else type(tree).__name__
         raise ValueError(f"{path} is not a T5X checkpoint of a model: no optimizer/target "
                          f"params (top-level keys {keys}).")
-    return check_params(_float32(target), config, str(path))
+    return check_params(check_finite(_float32(target), path), config, str(path))
 
 
 # ------------------------------------------------------------------- dispatch

@@ -104,9 +104,11 @@ def sample(tokens_to_logits: TokensToLogits, init_cache: Any, rng: Array, *,
       start_id: the token fed at step 0 (scalar or [batch]) when `initial`
         is None.
       initial: (logits [batch, vocab], aux) of step 0, e.g. from a prefill.
-      temperature: scalar or [batch], may be traced; 0 means greedy (argmax,
-        lowest id on ties) for that row and ignores top-k / top-p. A batch
-        that is all greedy draws no random numbers.
+      temperature: scalar or [batch], may be traced; finite and >= 0 (checked
+        when concrete). 0, or anything up to `GREEDY_TEMPERATURE` (1e-4, as in
+        T5X), means greedy (argmax, lowest id on ties) for that row and
+        ignores top-k / top-p. A batch that is all greedy draws no random
+        numbers.
       top_k: static; 0 = off. See `filter_logits`.
       top_p: static; 1.0 = off. See `filter_logits`.
       chunk_size: static. None runs one scan of max_decode_len steps; an int
@@ -127,7 +129,7 @@ def sample(tokens_to_logits: TokensToLogits, init_cache: Any, rng: Array, *,
     eos_ids = jnp.asarray(np.atleast_1d(np.asarray(eos_id, np.int32)))
     static_greedy = is_greedy(temperature)  # else a traced choice per call (lax.cond below)
     temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (batch_size,))
-    greedy = ~(temperature > 0.0)  # [batch]
+    greedy = ~(temperature > GREEDY_TEMPERATURE)  # [batch]; also NaN (traced) rows
     all_greedy = jnp.all(greedy)
     safe_temperature = jnp.where(greedy, 1.0, temperature)[:, None]  # [batch, 1]
     filtering = bool(top_k) or top_p < 1.0
@@ -225,19 +227,31 @@ def _scan_with_early_exit(step: Callable, carry: Any, steps: Array, chunk_size: 
                                   head_outputs, buffers)
 
 
+# Temperatures up to this are greedy (as in T5X): dividing logits by them
+# would overflow to inf and sample NaN.
+GREEDY_TEMPERATURE = 1e-4
+
+
 def check_temperature(temperature: float | Array) -> None:
-    """Raises ValueError for a concrete temperature below 0 or NaN; traced ones pass."""
+    """Raises ValueError for a concrete temperature that is not a finite number
+    >= 0 (NaN, inf, negative); traced ones pass."""
     if isinstance(temperature, jax.core.Tracer):
         return
-    if not np.all(np.asarray(temperature, np.float32) >= 0.0):  # also catches NaN
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+    try:
+        values = np.asarray(temperature, np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"temperature must be a number or an array of numbers, got "
+                         f"{temperature!r}.") from e
+    if not (np.all(np.isfinite(values)) and np.all(values >= 0.0)):
+        raise ValueError(f"temperature must be >= 0 and finite (0, or anything up to "
+                         f"{GREEDY_TEMPERATURE:g}, is greedy), got {temperature}.")
 
 
 def is_greedy(temperature: float | Array) -> bool:
-    """Whether `temperature` is concrete and 0 for every row: `sample` then
-    compiles plain argmax decoding, with no random draw."""
+    """Whether `temperature` is concrete and at most `GREEDY_TEMPERATURE` for
+    every row: `sample` then compiles plain argmax decoding, with no random draw."""
     return (not isinstance(temperature, jax.core.Tracer)
-            and bool(np.all(np.asarray(temperature) == 0.0)))
+            and bool(np.all(np.asarray(temperature, np.float32) <= GREEDY_TEMPERATURE)))
 
 
 def check_lengths(max_decode_len: int) -> None:

@@ -178,16 +178,38 @@ def check_compatible(model: models.Model, params_ref: Params, params_aligned: Pa
 
 
 def _check_tokens(inputs, model: models.Model, prompt_lengths) -> tuple[Array, Array | None]:
-    """(inputs as int32, prompt_lengths as int32 or None), checked."""
+    """(inputs as int32, prompt_lengths as int32 or None), checked.
+
+    Token ids must be integers in [0, model.config.vocab_size): a float or
+    negative array, or an id past the vocabulary (which XLA's gather would
+    clamp silently), is a ValueError. Concrete values are checked (numpy at no
+    cost; a jax array with one small reduction); traced ones pass.
+    """
     shape = np.shape(inputs)
     if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
         raise ValueError(f"The inputs must be a non-empty [batch, length] array, got shape "
                          f"{shape}.")
+    dtype = inputs.dtype if hasattr(inputs, "dtype") else np.asarray(inputs).dtype
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"The inputs must be integer token ids, got dtype {dtype}; tokenize "
+                         "the text (or cast ids that are whole numbers with .astype(int32)).")
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(inputs, jax.core.Tracer):
+        if isinstance(inputs, jax.Array):
+            low, high = np.asarray(jax.device_get(jnp.stack([jnp.min(inputs),
+                                                             jnp.max(inputs)])))
+        else:
+            values = np.asarray(inputs)
+            low, high = values.min(), values.max()
+        if low < 0 or (vocab_size is not None and high >= vocab_size):
+            raise ValueError(f"The inputs must be token ids in [0, {vocab_size}) (the model's "
+                             f"vocab_size), got ids from {int(low)} to {int(high)}.")
     if prompt_lengths is not None:
-        lengths = np.asarray(prompt_lengths)
-        if lengths.shape != (shape[0],):
+        lengths = np.asarray(prompt_lengths) if not isinstance(
+            prompt_lengths, jax.core.Tracer) else prompt_lengths
+        if np.shape(lengths) != (shape[0],):
             raise ValueError(f"prompt_lengths must have shape ({shape[0]},), got "
-                             f"{lengths.shape}.")
+                             f"{np.shape(lengths)}.")
         if not isinstance(prompt_lengths, jax.core.Tracer) and (
                 np.min(lengths) < 1 or np.max(lengths) > shape[1]):
             raise ValueError(f"prompt_lengths must be in [1, {shape[1]}] (an empty prompt has "
@@ -200,7 +222,10 @@ def _check_lambda(lam, shape: tuple[int, ...], what: str) -> Array:
     """Validates concrete values; traced values (inside a jit) pass through."""
     if isinstance(lam, jax.core.Tracer):
         return lam
-    lam = np.asarray(lam, np.float32)
+    try:
+        lam = np.asarray(lam, np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} must be a number or an array of numbers, got {lam!r}.") from e
     if lam.ndim == 0 and what == "lam":
         lam = np.full(shape, lam, np.float32)
     if lam.shape != shape:

@@ -158,3 +158,37 @@ def write_report(output_dir: str | pathlib.Path, results: dict[str, Any]) -> dic
     _plot_reward_kl(results, output_dir / "reward_vs_kl.png")
     _plot_examples(results, output_dir / "examples.png")
     return content
+
+
+def compare(old: dict[str, Any], new: dict[str, Any], fields: tuple[str, ...] = (
+        "mean_length", "mean_reward", "kl")) -> list[dict[str, Any]]:
+    """Two reports of one pipeline, row by row: each field's difference in units of
+    sqrt(sem_old^2 + sem_new^2) (|z| <= 3: the change is within sampling noise).
+
+    Returns:
+      one dict per (kind, lambda, field) with `old`, `new` and `z`.
+    """
+    rows = []
+    for kind in ("dera", "retrained"):
+        before = {row.lam: row for row in eval_rows(old, kind)}
+        for row in eval_rows(new, kind):
+            if row.lam not in before:
+                continue
+            for field in fields:
+                a, b = getattr(before[row.lam], field), getattr(row, field)
+                se = (getattr(before[row.lam], field + "_sem") ** 2
+                      + getattr(row, field + "_sem") ** 2) ** 0.5
+                rows.append({"kind": kind, "lambda": row.lam, "field": field, "old": a,
+                             "new": b, "z": (b - a) / se if se else 0.0})
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 4 or sys.argv[1] != "--compare":
+        sys.exit("usage: python -m dera_t5x.report --compare OLD/report.json NEW/report.json")
+    for r in compare(json.loads(pathlib.Path(sys.argv[2]).read_text()),
+                     json.loads(pathlib.Path(sys.argv[3]).read_text())):
+        print(f"{r['kind']:9s} lambda {r['lambda']:<5g} {r['field']:11s} {r['old']:8.2f} -> "
+              f"{r['new']:8.2f}  z {r['z']:+.2f}{'' if abs(r['z']) <= 3 else '  (beyond 3)'}")

@@ -4,7 +4,16 @@
         --output_dir=runs/length_reward_tiny
 
 Stages, each cached in the output directory (a rerun skips finished stages;
-training stages resume from their last checkpoint):
+training stages resume from their last checkpoint). Every stage is keyed by
+the settings that produced it (`stage_settings`: a hash of its resolved
+arguments, the gin settings of its trainer or aligner, and the keys of the
+stages it reads; placement such as `mesh_shape` and checkpoint / eval
+frequencies left out). A rerun with a changed setting recomputes exactly the
+stages that depend on it: a stale JSON stage is rewritten, a stale training
+folder is moved aside to `<name>.stale-<old key>` (never deleted) and trained
+afresh; the log names the settings that changed. `timings.json` accumulates
+the time spent in each stage over all runs of the folder (`timings_s` in the
+report; `timings_this_run_s` is this run's).
 
 1. SFT of the model on the task (`sft/`);
 2. for the learned-reward pipeline, a Bradley-Terry reward model (`reward_model/`);
@@ -34,12 +43,15 @@ import time
 from typing import Any, Callable, Sequence
 
 from absl import flags
+from absl import logging
 import gin
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from dera_t5x import evaluation
 from dera_t5x import gin_utils
+from dera_t5x import integrity
 from dera_t5x import models
 from dera_t5x import partitioning
 from dera_t5x.models.t5 import network
@@ -57,15 +69,87 @@ from dera_t5x.training import sft
 Params = Any
 
 
-def _cached_json(path: pathlib.Path, compute: Callable[[], Any]) -> Any:
-    """Returns the JSON at `path`, computing and writing it (atomically) if absent."""
-    if path.exists():
-        return json.loads(path.read_text())
-    value = compute()
-    tmp = path.with_suffix(".tmp")
+# Parameters of the trainers that do not change what a stage computes
+# (placement, how often it saves or evaluates), and those the pipeline passes
+# itself (so their gin bindings are overridden).
+_NOT_STAGE_SETTINGS = frozenset({
+    "mesh_shape", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batch_size",
+    "rouge_batches", "eval_split", "model_config", "task_name", "feature_lengths", "seed",
+    "max_decode_len", "beta", "config", "model", "model_params", "params_ref", "reward"})
+
+
+def _gin_settings(*selectors: str) -> dict[str, Any]:
+    """The gin bindings of `selectors` that shape a stage (references resolved)."""
+    return {selector: {name: value for name, value in gin_utils.bindings_of(selector).items()
+                       if name not in _NOT_STAGE_SETTINGS}
+            for selector in selectors}
+
+
+def _write_json(path: pathlib.Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(value, indent=2))
     tmp.replace(path)
+
+
+def _cached_json(path: pathlib.Path, settings: dict[str, Any], compute: Callable[[], Any]
+                 ) -> Any:
+    """The value cached at `path` for these settings; computed and written
+    (atomically, with its key and settings) when absent or stale."""
+    key = integrity.fingerprint(settings)
+    if path.exists():
+        try:
+            cached = json.loads(path.read_text())
+        except ValueError:
+            cached = None
+        if isinstance(cached, dict) and cached.get("stage_key") == key:
+            return cached["value"]
+        logging.warning("%s is stale; recomputing. %s", path.name, _what_changed(cached, settings))
+    value = compute()
+    _write_json(path, {"stage_key": key, "settings": integrity.canonical(settings),
+                       "value": value})
     return value
+
+
+def _what_changed(cached: Any, settings: dict[str, Any]) -> str:
+    if not isinstance(cached, dict) or "settings" not in cached:
+        return "It holds no settings (written by an older dera-t5x, or damaged)."
+    changed = integrity.differences(cached["settings"], settings)
+    return "Changed: " + "; ".join(changed[:10]) + ("" if len(changed) <= 10 else "; ...")
+
+
+def _stage_dir(path: pathlib.Path, settings: dict[str, Any]) -> str:
+    """`path` for a training stage with these settings (its checkpoints resume).
+
+    A folder trained under other settings (or with no record of them) is moved
+    aside to `<name>.stale-<its key>` and the stage starts afresh.
+    """
+    key = integrity.fingerprint(settings)
+    marker = path / "stage.json"
+    if jax.process_index() == 0:
+        if path.exists():
+            try:
+                recorded = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                recorded = None
+            if not (isinstance(recorded, dict) and recorded.get("stage_key") == key):
+                old_key = recorded.get("stage_key", "unkeyed") if isinstance(
+                    recorded, dict) else "unkeyed"
+                stale = path.with_name(f"{path.name}.stale-{old_key[:8]}")
+                number = 1
+                while stale.exists():
+                    number += 1
+                    stale = path.with_name(f"{path.name}.stale-{old_key[:8]}-{number}")
+                logging.warning("%s was trained under other settings; moved to %s and "
+                                "trained again. %s", path, stale.name,
+                                _what_changed(recorded, settings))
+                path.rename(stale)
+        if not path.exists():
+            path.mkdir(parents=True)
+            integrity.write_json_atomically(marker, {"stage_key": key,
+                                                     "settings": integrity.canonical(settings)})
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"stage {path}")
+    return str(path)
 
 
 def _check_lambdas(lambdas: Sequence[float]) -> tuple[float, ...]:
@@ -183,6 +267,11 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
     if reward_kind not in ("length", "reward_model"):
         raise ValueError(f"reward_kind must be 'length' or 'reward_model', got {reward_kind!r}.")
     rl.RLConfig(beta=beta)  # validates beta before any training
+    for name, value, low in (("num_eval_samples", num_eval_samples, 1),
+                             ("eval_batch_size", eval_batch_size, 1),
+                             ("max_decode_len", max_decode_len, 1)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"reproduce.run.{name} must be an integer >= {low}, got {value!r}.")
     tasks.get_task(task_name)
     out = pathlib.Path(output_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -190,38 +279,77 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
     partitioner = partitioning.partitioner_for(mesh_shape, model.param_axes)
     if partitioner is not None:
         partitioner.check_batch_size(eval_batch_size)
+    timings_path = out / "timings.json"
+    try:  # Seconds spent per stage over every run of this folder.
+        totals = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    except ValueError:
+        logging.warning("%s is damaged; the accumulated timings restart from 0.", timings_path)
+        totals = {}
     timings = {}
 
     def timed(name, fn):
         start = time.perf_counter()
-        value = fn()
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
-        return value
+        try:
+            return fn()
+        finally:
+            spent = time.perf_counter() - start
+            timings[name] = timings.get(name, 0.0) + spent
+            totals[name] = totals.get(name, 0.0) + spent
+            if jax.process_index() == 0:
+                _write_json(timings_path, totals)
 
-    params_ref = timed("sft", lambda: sft.train_sft(str(out / "sft"), model_config=model_config,
-                                                    task_name=task_name,
-                                                    feature_lengths=feature_lengths, seed=seed))
+    # What every stage depends on.
+    common = {"model_config": model_config, "task_name": task_name,
+              "feature_lengths": feature_lengths, "seed": seed,
+              "vocabulary": _gin_settings("vocabularies.t5_vocabulary_file",
+                                          "vocabularies.bundled_vocabulary_file")}
+    sft_settings = {"stage": "sft", **common,
+                    "gin": _gin_settings("sft.train_sft", "trainer.make_optimizer",
+                                         "trainer.make_schedule")}
+    sft_key = integrity.fingerprint(sft_settings)
+    params_ref = timed("sft", lambda: sft.train_sft(
+        _stage_dir(out / "sft", sft_settings), model_config=model_config, task_name=task_name,
+        feature_lengths=feature_lengths, seed=seed))
     if reward_kind == "length":
         reward = rewards.length_reward()
+        reward_settings = {"kind": "length", **_gin_settings("rewards.length_reward")}
     else:
+        rm_settings = {"stage": "reward_model", **common, "sft": sft_key,
+                       "gin": _gin_settings("reward_model.train_reward_model",
+                                            "trainer.make_optimizer", "trainer.make_schedule")}
         rm_params = timed("reward_model", lambda: reward_model.train_reward_model(
-            str(out / "reward_model"), model=model, model_params=params_ref, seed=seed,
-            mesh_shape=mesh_shape))
+            _stage_dir(out / "reward_model", rm_settings), model=model, model_params=params_ref,
+            seed=seed, mesh_shape=mesh_shape))
         reward = reward_model.as_reward(model, rm_params)
+        reward_settings = {"kind": "reward_model", "key": integrity.fingerprint(rm_settings)}
+    aligner_settings = {"aligner": gin_utils.bindings_of("reproduce.run").get(
+        "aligner", getattr(aligner, "__name__", repr(aligner))),
+        **_gin_settings("rl.train_rl", "rl.RLConfig", "rl.make_optimizer")}
+
+    def rl_settings(beta_value):
+        return {"stage": "align", **common, "beta": beta_value, "max_decode_len": max_decode_len,
+                "sft": sft_key, "reward": reward_settings, "gin": aligner_settings}
 
     def align(beta_value):
+        settings = rl_settings(beta_value)
         return aligner(
-            str(out / f"rl_beta_{_fmt_beta(beta_value)}"), model=model, params_ref=params_ref,
-            reward=reward, beta=beta_value, task_name=task_name,
+            _stage_dir(out / f"rl_beta_{_fmt_beta(beta_value)}", settings), model=model,
+            params_ref=params_ref, reward=reward, beta=beta_value, task_name=task_name,
             feature_lengths=feature_lengths, max_decode_len=max_decode_len, seed=seed)
 
+    base_key = integrity.fingerprint(rl_settings(beta))
     base_params = timed("rl_base", lambda: align(beta))
     evaluator = Evaluator(model, task_name, feature_lengths, {reward.name: reward},
                           eval_batch_size, num_eval_samples, max_decode_len, seed,
                           max_eval_examples, partitioner)
+    eval_settings = {**common, "reward": reward_settings, "eval_split": eval_split,
+                     "num_eval_samples": num_eval_samples, "eval_batch_size": eval_batch_size,
+                     "max_eval_examples": max_eval_examples, "max_decode_len": max_decode_len}
 
+    dera_settings = {"stage": "dera", **eval_settings, "sft": sft_key, "aligned": base_key,
+                     "lambdas": lambdas}
     dera = timed("dera_sweep", lambda: _cached_json(
-        out / f"dera_{eval_split}.json",
+        out / f"dera_{eval_split}.json", dera_settings,
         lambda: [row.to_json() for row in evaluator.evaluate(eval_split, params_ref,
                                                              base_params, lambdas)]))
 
@@ -235,13 +363,25 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
         row = evaluator.evaluate(eval_split, params_ref, params, [1.0])[0]
         return dataclasses.replace(row, lam=lam, beta=beta_value).to_json()
 
+    def retrained_settings(lam):
+        model_key = (sft_key if lam == 0.0 else base_key if lam == 1.0
+                     else integrity.fingerprint(rl_settings(beta / lam)))
+        return {"stage": "retrained", **eval_settings, "sft": sft_key, "model": model_key,
+                "lambda": lam}
+
     retrained = [_cached_json(out / f"retrained_{eval_split}_lambda_{lam:g}.json",
+                              retrained_settings(lam),
                               lambda lam=lam: timed("retrained", lambda: retrained_row(lam)))
                  for lam in lambdas]
 
-    selection = _cached_json(out / "selection.json", lambda: timed("selection", lambda: _select(
-        evaluator, dera, params_ref, base_params, lambdas, rouge_margin, eval_split,
-        test_split)))
+    selection_settings = {"stage": "selection", **eval_settings, "sft": sft_key,
+                          "aligned": base_key, "dera": integrity.fingerprint(dera_settings),
+                          "lambdas": lambdas, "rouge_margin": rouge_margin,
+                          "test_split": test_split}
+    selection = _cached_json(out / "selection.json", selection_settings,
+                             lambda: timed("selection", lambda: _select(
+                                 evaluator, dera, params_ref, base_params, lambdas,
+                                 rouge_margin, eval_split, test_split)))
 
     results = {
         "pipeline": pipeline_name, "reward": reward.name, "seed": seed, "beta": beta,
@@ -251,7 +391,7 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
         "gap_tolerance": gap_tolerance, "chosen_lambda": selection["chosen_lambda"],
         "dera": dera, "retrained": retrained, "selection": selection,
         "examples": _examples(dera, pipeline.load_split(task_name, eval_split, feature_lengths)),
-        "timings_s": timings,
+        "timings_s": dict(totals), "timings_this_run_s": timings,
     }
     return report.write_report(out, results)
 

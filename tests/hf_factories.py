@@ -77,3 +77,19 @@ def write_hf_dir(directory: str | pathlib.Path, model: torch.nn.Module, *,
              "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return directory
+
+
+def write_random_pair(directory: str | pathlib.Path, model_type: str,
+                      seeds: tuple[int, int] = (0, 1),
+                      **config_kwargs) -> tuple[tuple[torch.nn.Module, torch.nn.Module],
+                                                tuple[pathlib.Path, pathlib.Path]]:
+    """Two random float32 models of one architecture (a reference and an
+    "aligned" one, differing only in their seeds) written to directory/ref and
+    directory/aligned: ((torch ref, torch aligned), (ref dir, aligned dir))."""
+    directory = pathlib.Path(directory)
+    torch_models, paths = [], []
+    for seed, name in zip(seeds, ("ref", "aligned")):
+        torch_model = random_causal_lm(model_type, seed=seed, **config_kwargs)
+        paths.append(write_hf_dir(directory / name, torch_model))
+        torch_models.append(torch_model)
+    return tuple(torch_models), tuple(paths)

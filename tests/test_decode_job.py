@@ -10,6 +10,8 @@ import jax
 import numpy as np
 import pytest
 
+import t5_factories
+
 from dera_t5x import checkpoints
 from dera_t5x import decode_job
 from dera_t5x import models
@@ -18,10 +20,7 @@ from dera_t5x import realign
 from dera_t5x.data import bundled
 from dera_t5x.data import tasks
 
-CONFIG = network.T5Config(vocab_size=4096, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
-                          num_encoder_layers=1, num_decoder_layers=1,
-                          mlp_activations=("gelu", "linear"), logits_via_embedding=False,
-                          dropout_rate=0.0)
+CONFIG = t5_factories.TINY
 # One set of shapes for every run, so the process compiles the sweep once.
 SETTINGS = dict(batch_size=2, max_decode_len=8, inputs_length=32)
 LAMBDAS = (0.0, 0.5, 1.0, 2.0)
@@ -263,30 +262,9 @@ def test_entry_point_takes_the_model_from_gin_and_flags_win_over_gin(tmp_path, m
     assert "5 inputs x 2 lambdas" in capsys.readouterr().out
 
 
-def _write_hf_t5(torch, transformers, directory: pathlib.Path, seed: int) -> None:
-    """A random-weight untied T5 (the test config) as a Hugging Face safetensors dir."""
-    from safetensors.torch import save_file  # noqa: PLC0415
-
-    torch.manual_seed(seed)
-    hf_config = transformers.T5Config(
-        vocab_size=CONFIG.vocab_size, d_model=CONFIG.emb_dim, d_kv=CONFIG.head_dim,
-        d_ff=CONFIG.mlp_dim, num_layers=CONFIG.num_encoder_layers,
-        num_decoder_layers=CONFIG.num_decoder_layers, num_heads=CONFIG.num_heads,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)
-    state = transformers.T5ForConditionalGeneration(hf_config).state_dict()
-    state = {k: v.clone() for k, v in state.items() if "embed_tokens" not in k}
-    state["lm_head.weight"] = torch.randn_like(state["lm_head.weight"])  # untie
-    directory.mkdir()
-    save_file(state, str(directory / "model.safetensors"))
-    config_dict = dict(hf_config.to_dict(), tie_word_embeddings=False)
-    (directory / "config.json").write_text(json.dumps(config_dict))
-
-
 def test_hugging_face_checkpoints_bring_their_own_config(tmp_path, input_file):
-    import torch  # noqa: PLC0415  (a test dependency: a missing torch fails)
-    import transformers  # noqa: PLC0415
     for name, seed in (("ref", 0), ("aligned", 1)):
-        _write_hf_t5(torch, transformers, tmp_path / name, seed)
+        t5_factories.write_hf_t5(tmp_path / name, t5_factories.hf_t5_config(CONFIG), seed=seed)
     output = tmp_path / "out.jsonl"
     decode_job.run(str(tmp_path / "ref"), str(tmp_path / "aligned"), str(output),
                    lambdas="0,1", input_file=str(input_file), temperature=0.0, **SETTINGS)

@@ -10,18 +10,16 @@ import textwrap
 import jax
 import pytest
 
+import t5_factories
+
 from dera_t5x import checkpoints
 from dera_t5x import decode_job
 from dera_t5x import models
 from dera_t5x import partitioning
 from dera_t5x.data import tasks  # noqa: F401  (registers the tasks)
-from dera_t5x.models.t5 import network
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = network.T5Config(vocab_size=4096, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
-                          num_encoder_layers=1, num_decoder_layers=1,
-                          mlp_activations=("gelu", "linear"), logits_via_embedding=False,
-                          dropout_rate=0.0)
+CONFIG = t5_factories.TINY
 SETTINGS = dict(lambdas="0,0.5,1,2", batch_size=8, max_decode_len=8, inputs_length=32)
 DOCS = ["The cat sat on the mat.", "Rain fell all day in Cardiff. " * 12,
         "A council voted to close the library.", "Ships left the harbour at dawn. " * 12,

@@ -143,7 +143,9 @@ def test_cache_and_joint_scoring_match_teacher_forcing(cache_case):
     reference[1, 7:] = 0.0  # after the first EOS
     np.testing.assert_allclose(np.asarray(log_probs), reference, atol=1e-4, rtol=0)
     np.testing.assert_allclose(np.asarray(scores), reference.sum(-1), atol=1e-3, rtol=0)
-    assert cache["layers"][0]["key"].shape == (3, config.num_kv_heads, 9 + 12, config.head_dim)
+    # The prompt's keys / values (read-only) and a buffer for the 12 new tokens.
+    assert cache["prompt"][0]["key"].shape == (3, config.num_kv_heads, 9, config.head_dim)
+    assert cache["new"][0]["key"].shape == (3, config.num_kv_heads, 12, config.head_dim)
     np.testing.assert_allclose(np.asarray(first), expected[:, 0], atol=1e-4, rtol=0)
     step = jax.jit(model.decode_step)
     for t in range(12):

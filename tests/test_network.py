@@ -7,13 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import t5_factories
+
 from dera_t5x import checkpoints
 from dera_t5x import models
 from dera_t5x.models.t5 import network
 
 import torch  # noqa: E402  (a test dependency: a missing torch fails, never skips)
 import transformers  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
 # Non-square attention (heads * d_kv != d_model), more encoder than decoder
 # layers, few buckets and a short max distance so that long offsets share buckets.
@@ -25,31 +26,13 @@ VARIANTS = {
     "t5.1.0": dict(COMMON, feed_forward_proj="relu", tie_word_embeddings=True),
     "t5.1.1": dict(COMMON, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
 }
-EMBED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+EMBED_COPIES = t5_factories.EMBED_COPIES
 
 
 def _write_hf(directory, variant, *, with_lm_head=True, seed=0, drop=EMBED_COPIES, **overrides):
-    """A random transformers T5 saved as config.json + model.safetensors, laid
-    out as the public checkpoints are (T5.1.1: lm_head untied, config
-    tie_word_embeddings false). Returns the PyTorch model."""
-    torch.manual_seed(seed)
-    kwargs = dict(VARIANTS[variant], **overrides)
-    config = transformers.T5Config(**kwargs)
-    hf_model = transformers.T5ForConditionalGeneration(config).eval()
-    tied = kwargs["tie_word_embeddings"]
-    if not tied:
-        # transformers 5 ties lm_head to the embedding for every config (an untied
-        # config only turns off output scaling); untie it as T5.1.1 checkpoints are.
-        with torch.no_grad():
-            hf_model.lm_head.weight = torch.nn.Parameter(
-                torch.randn_like(hf_model.shared.weight))
-    directory.mkdir(parents=True)
-    state = {k: v.detach().clone().contiguous() for k, v in hf_model.state_dict().items()
-             if k not in drop and (with_lm_head or k != "lm_head.weight")}
-    save_file(state, str(directory / "model.safetensors"))
-    (directory / "config.json").write_text(json.dumps(dict(config.to_dict(),
-                                                           tie_word_embeddings=tied)))
-    return hf_model
+    """A random transformers T5 of `variant` as a Hugging Face directory."""
+    return t5_factories.write_hf_t5(directory, transformers.T5Config(
+        **dict(VARIANTS[variant], **overrides)), seed=seed, with_lm_head=with_lm_head, drop=drop)
 
 
 def _padded_batch():

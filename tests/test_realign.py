@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import t5_factories
+
 from dera_t5x import checkpoints
 from dera_t5x import models
 from dera_t5x.models.t5 import network
@@ -164,37 +166,14 @@ def test_bad_input(setup):
                             0.5, **kwargs)
 
 
-def _write_hf_t5(torch, transformers, directory, seed):
-    """A random-weight, untied (T5.1.1-style) transformers T5 saved as safetensors."""
-    from safetensors.torch import save_file
-
-    torch.manual_seed(seed)
-    hf_config = transformers.T5Config(
-        vocab_size=CONFIG.vocab_size, d_model=CONFIG.emb_dim, d_kv=CONFIG.head_dim,
-        d_ff=CONFIG.mlp_dim, num_layers=CONFIG.num_encoder_layers,
-        num_decoder_layers=CONFIG.num_decoder_layers, num_heads=CONFIG.num_heads,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-    hf_model = transformers.T5ForConditionalGeneration(hf_config).eval()
-    with torch.no_grad():
-        hf_model.lm_head.weight = torch.nn.Parameter(torch.randn_like(hf_model.shared.weight))
-    directory.mkdir()
-    state = {k: v.contiguous() for k, v in hf_model.state_dict().items()
-             if not k.endswith(("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"))}
-    save_file(state, str(directory / "model.safetensors"))
-    config_dict = hf_config.to_dict()
-    config_dict["tie_word_embeddings"] = False
-    (directory / "config.json").write_text(json.dumps(config_dict))
-    return hf_model
-
-
 @pytest.mark.parametrize("lam", [0.3, 1.5])
 def test_greedy_dera_matches_a_pytorch_mixing_loop(tmp_path_factory, lam):
     import torch  # noqa: PLC0415  (a test dependency: a missing torch fails)
     import transformers  # noqa: PLC0415
     root = tmp_path_factory.mktemp(f"hf_{lam}")
-    hf_ref = _write_hf_t5(torch, transformers, root / "ref", seed=0)
-    hf_aligned = _write_hf_t5(torch, transformers, root / "aligned", seed=1)
+    hf_ref = t5_factories.write_hf_t5(root / "ref", t5_factories.hf_t5_config(CONFIG), seed=0)
+    hf_aligned = t5_factories.write_hf_t5(root / "aligned", t5_factories.hf_t5_config(CONFIG),
+                                          seed=1)
     config, params_ref = checkpoints.load_hf_t5(root / "ref")
     _, params_aligned = checkpoints.load_hf_t5(root / "aligned")
     model = models.EncoderDecoderModel(config)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dera_t5x import batching
+from dera_t5x import integrity
 from dera_t5x import models
 from dera_t5x import partitioning
 from dera_t5x.models import protocol
@@ -117,9 +118,14 @@ def train_reward_model(model_dir: str, *, model: models.Model, model_params: Par
     With several devices (or a `mesh_shape` (data, model)) the state is placed
     by the model's partitioning rules and each batch split over 'data', as SFT.
     """
+    trainer.check_run_arguments("reward_model.train_reward_model", batch_size=batch_size,
+                                num_steps=num_steps, checkpoint_every=checkpoint_every)
     partitioner = partitioning.partitioner_for(mesh_shape, model.param_axes)
     if partitioner is not None:
         partitioner.check_batch_size(batch_size)
+    settings = {"model_config": model.config, "task_name": task_name,
+                "feature_lengths": feature_lengths, "batch_size": batch_size, "seed": seed,
+                "init": integrity.params_fingerprint(model_params)}
     train = _preference_arrays(task_name, "train", feature_lengths)
     held_out = _preference_arrays(task_name, eval_split, feature_lengths)
     optimizer = optimizer if optimizer is not None else trainer.make_optimizer(name="adamw")
@@ -133,5 +139,5 @@ def train_reward_model(model_dir: str, *, model: models.Model, model_params: Par
         state, step, lambda start: batching.train_batches(train, batch_size, seed, start),
         num_steps=num_steps, model_dir=model_dir, checkpoint_every=checkpoint_every,
         eval_fn=lambda p: {"accuracy": pairwise_accuracy(model, p, held_out)},
-        description="reward model", partitioner=partitioner)
+        description="reward model", partitioner=partitioner, settings=settings)
     return state.params

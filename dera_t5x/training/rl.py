@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from dera_t5x import batching
+from dera_t5x import integrity
 from dera_t5x import models
 from dera_t5x import partitioning
 from dera_t5x.models import protocol
@@ -326,9 +327,20 @@ def train_rl(model_dir: str, *, model: models.Model, params_ref: Params,
     Returns:
       the policy params (same tree as `params_ref`).
     """
+    trainer.check_run_arguments("rl.train_rl", batch_size=batch_size, num_steps=num_steps,
+                                checkpoint_every=checkpoint_every)
+    if max_decode_len is not None and (not isinstance(max_decode_len, int)
+                                       or max_decode_len < 1):
+        raise ValueError(f"rl.train_rl.max_decode_len must be an integer >= 1 or None (then "
+                         f"RLConfig.max_decode_len), got {max_decode_len!r}.")
     config = config or RLConfig()
     config = dataclasses.replace(config, max_decode_len=max_decode_len or config.max_decode_len)
     model.check_params(params_ref, "The reference parameter set")
+    settings = {"model_config": model.config, "task_name": task_name,
+                "feature_lengths": feature_lengths, "batch_size": batch_size, "seed": seed,
+                "config": config, "reward": reward.name,
+                "reward_params": integrity.params_fingerprint(reward.params),
+                "reference": integrity.params_fingerprint(params_ref)}
     partitioner = partitioning.partitioner_for(mesh_shape, model.param_axes)
     reward_params = reward.params
     if partitioner is not None:
@@ -361,5 +373,5 @@ def train_rl(model_dir: str, *, model: models.Model, params_ref: Params,
         lambda start: batching.train_batches({"encoder_input_tokens": prompts}, batch_size,
                                              seed, start),
         num_steps=num_steps, model_dir=model_dir, checkpoint_every=checkpoint_every,
-        description=f"rl beta={config.beta:g}", partitioner=partitioner)
+        description=f"rl beta={config.beta:g}", partitioner=partitioner, settings=settings)
     return state.params["policy"]

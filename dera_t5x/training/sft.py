@@ -104,6 +104,9 @@ def train_sft(model_dir: str, *, model_config: network.T5Config = gin.REQUIRED,
       rouge_batches: also report ROUGE of greedy decodes on this many eval batches.
       mesh_shape: (data, model) device mesh; None puts every device on 'data'.
     """
+    trainer.check_run_arguments("sft.train_sft", batch_size=batch_size, num_steps=num_steps,
+                                checkpoint_every=checkpoint_every, eval_every=eval_every,
+                                eval_batch_size=eval_batch_size, rouge_batches=rouge_batches)
     check_task_and_vocabulary(task_name, model_config)
     model = models.for_config(model_config)
     partitioner = partitioning.partitioner_for(mesh_shape, model.param_axes)
@@ -138,5 +141,8 @@ def train_sft(model_dir: str, *, model_config: network.T5Config = gin.REQUIRED,
         num_steps=num_steps, model_dir=model_dir, checkpoint_every=checkpoint_every,
         eval_fn=eval_fn, eval_every=eval_every, description="sft",
         tokens_per_batch=lambda b: int(np.sum(b["decoder_loss_weights"])),
-        partitioner=partitioner)
+        partitioner=partitioner,
+        settings={"model_config": model_config, "task_name": task_name,
+                  "feature_lengths": feature_lengths, "batch_size": batch_size, "seed": seed,
+                  "init_checkpoint": init_checkpoint})
     return state.params

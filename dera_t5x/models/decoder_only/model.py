@@ -219,7 +219,9 @@ class DecoderOnlyModel:
     def prefill(self, params: Params, inputs: Array, max_decode_len: int, *,
                 prompt_lengths: Array | None = None) -> tuple[Array, dict]:
         """Runs the right-padded prompts once: (logits of the first new token
-        [batch, vocab] float32, cache with in_len + max_decode_len slots)."""
+        [batch, vocab] float32, cache: the prompt's keys / values, read-only
+        from here on, and a buffer of max_decode_len slots for the new tokens';
+        see `network`)."""
         prompt_lengths = _require_prompt_lengths(prompt_lengths, "prefill")
         self._check_length(inputs.shape[1] + max_decode_len,
                            "The prompt plus max_decode_len")
@@ -265,9 +267,11 @@ class DecoderOnlyModel:
         return (None,) * ndim
 
     def cache_axes(self, cache: dict) -> dict:
-        """Rows over 'batch', keys / values over 'heads' (the kv heads); the slot
-        index replicated."""
-        return {"index": (), "positions": ("batch",), "key_positions": ("batch", None),
-                "key_valid": ("batch", None),
-                "layers": tuple({name: ("batch", "heads", None, None) for name in layer}
-                                for layer in cache["layers"])}
+        """Rows over 'batch', keys / values (the prompt's and the new tokens')
+        over 'heads' (the kv heads); the step index replicated."""
+        def layer_axes(layers):
+            return tuple({name: ("batch", "heads", None, None) for name in layer}
+                         for layer in layers)
+
+        return {"index": (), "prompt_lengths": ("batch",),
+                "prompt": layer_axes(cache["prompt"]), "new": layer_axes(cache["new"])}

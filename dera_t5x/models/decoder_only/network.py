@@ -30,13 +30,20 @@ sequences, a right-padded prompt followed by responses (padding in the
 middle), and the decode cache.
 
 Decode cache (`DecoderOnlyLM.prefill`, `DecoderOnlyLM.decode_step`):
-  index          [] int32: the slot the next token is written to (shared)
-  positions      [batch] int32: the rotary position of the next token
-  key_positions  [batch, slots] int32: the position of each key slot
-  key_valid      [batch, slots] bool: False on the padding of the prompt
-  layers         tuple of {key, value} [batch, kv_heads, slots, head_dim]
-with slots = prompt_len + max_decode_len; slot P + t holds decode step t,
-at position prompt_lengths + t.
+  index           [] int32: new tokens written so far, the slot of the next
+                  one in `new` (one scalar shared by every row)
+  prompt_lengths  [batch] int32: real tokens of each right-padded prompt
+  prompt          tuple of {key, value} [batch, kv_heads, P, head_dim]: the
+                  prompt's keys / values, read-only after the prefill
+  new             tuple of {key, value} [batch, kv_heads, max_decode_len,
+                  head_dim]: slot t holds new token t
+Positions are derived, not stored: prompt slot j is at position j (valid
+below prompt_lengths), new slot t at prompt_lengths + t, and the next token
+at prompt_lengths + index. A step attends to both buffers with the masks of
+one sequence, and only ever writes `new`. So a lambda sweep, which vmaps the
+decode loop over K lambdas with the prefill cache unbatched, copies only the
+new tokens' buffer K times: the prompt's keys / values (the bulk of a long
+prompt's cache) stay one shared, unbatched array.
 """
 
 from __future__ import annotations
@@ -283,22 +290,30 @@ class Attention(nn.Module):
         key = apply_rotary(key, cos, sin).astype(dtype)
         return query, jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)
 
-    def attend(self, query: Array, key: Array, value: Array, bias: Array) -> Array:
-        """Output [batch, q_len, hidden].
+    def attend(self, query: Array, segments: tuple[tuple[Array, Array], ...], bias: Array
+               ) -> Array:
+        """Output [batch, q_len, hidden]: one softmax over the keys of all segments.
 
         Args:
           query: [batch, q_len, heads, head_dim]; head h reads kv head
             h // num_groups (Hugging Face's `repeat_kv`).
-          key, value: [batch, kv_heads, k_len, head_dim].
-          bias: [batch, 1, 1, q_len, k_len] float32 (`attention_bias`).
+          segments: (key, value) pairs, each [batch, kv_heads, k_len_i,
+            head_dim], attended to as if concatenated along k_len (the decode
+            cache's read-only prompt and its new tokens; one pair otherwise).
+          bias: [batch, 1, 1, q_len, sum of k_len_i] float32 (`attention_bias`).
         """
         cfg = self.config
         batch, q_len = query.shape[:2]
         query = query.reshape(batch, q_len, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
-        logits = jnp.einsum("bqhgd,bhkd->bhgqk", query, key.astype(query.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = [jnp.einsum("bqhgd,bhkd->bhgqk", query, key.astype(query.dtype),
+                             preferred_element_type=jnp.float32) for key, _ in segments]
+        logits = logits[0] if len(logits) == 1 else jnp.concatenate(logits, axis=-1)
         weights = jax.nn.softmax(logits * (1.0 / math.sqrt(cfg.head_dim)) + bias, axis=-1)
-        out = jnp.einsum("bhgqk,bhkd->bqhgd", weights.astype(value.dtype), value)
+        out, start = 0.0, 0
+        for key, value in segments:
+            part = jax.lax.slice_in_dim(weights, start, start + key.shape[2], axis=-1)
+            out = out + jnp.einsum("bhgqk,bhkd->bqhgd", part.astype(value.dtype), value)
+            start += key.shape[2]
         return self.o_proj(out.reshape(batch, q_len, cfg.num_heads * cfg.head_dim))
 
 
@@ -327,22 +342,28 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def __call__(self, x: Array, cos: Array, sin: Array, bias: Array,
-                 layer_cache: dict | None = None, index: Array | None = None
+                 layer_cache: tuple[dict, dict] | None = None, index: Array | None = None
                  ) -> tuple[Array, dict]:
         """x [batch, len, hidden] -> (x, {key, value}).
 
-        Without a cache the keys / values are those of x; with one, those of x
-        are written at slot `index` and the whole cache is attended to.
+        Without a cache the keys / values are those of x (returned); with one,
+        (prompt {key, value}, new {key, value}), those of x are written into
+        `new` at slot `index`, both buffers are attended to (the bias covers
+        the prompt's slots, then the new ones) and the updated `new` is returned.
         """
         query, key, value = self.self_attn.project(self.input_layernorm(x), cos, sin)
-        if layer_cache is not None:
-            key = jax.lax.dynamic_update_slice_in_dim(
-                layer_cache["key"], key.astype(layer_cache["key"].dtype), index, axis=2)
-            value = jax.lax.dynamic_update_slice_in_dim(
-                layer_cache["value"], value.astype(layer_cache["value"].dtype), index, axis=2)
-        x = x + self.self_attn.attend(query, key, value, bias)
+        if layer_cache is None:
+            segments = ((key, value),)
+            out = {"key": key, "value": value}
+        else:
+            prompt, new = layer_cache
+            out = {name: jax.lax.dynamic_update_slice_in_dim(
+                       new[name], written.astype(new[name].dtype), index, axis=2)
+                   for name, written in (("key", key), ("value", value))}
+            segments = ((prompt["key"], prompt["value"]), (out["key"], out["value"]))
+        x = x + self.self_attn.attend(query, segments, bias)
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, {"key": key, "value": value}
+        return x, out
 
 
 class Embed(nn.Module):
@@ -436,36 +457,43 @@ class DecoderOnlyLM(nn.Module):
     def prefill(self, tokens: Array, prompt_lengths: Array, max_decode_len: int
                 ) -> tuple[Array, dict]:
         """Runs right-padded prompts [batch, P]: (logits at prompt_lengths - 1
-        [batch, vocab] float32, the decode cache with P + max_decode_len slots)."""
+        [batch, vocab] float32, the decode cache: the prompt's keys / values
+        and an empty buffer of max_decode_len slots for the new tokens')."""
         cfg = self.config
         batch, prompt_len = tokens.shape
-        key_positions, key_valid = decode_key_layout(prompt_lengths, prompt_len, max_decode_len)
-        hidden, kv = self.hidden_states(tokens, key_positions[:, :prompt_len],
-                                        key_valid[:, :prompt_len])
-        last = jnp.clip(prompt_lengths.astype(jnp.int32) - 1, 0, prompt_len - 1)
+        prompt_lengths = prompt_lengths.astype(jnp.int32)
+        key_positions, key_valid = decode_key_layout(prompt_lengths, prompt_len, 0)
+        hidden, kv = self.hidden_states(tokens, key_positions, key_valid)
+        last = jnp.clip(prompt_lengths - 1, 0, prompt_len - 1)
         last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-        pad = ((0, 0), (0, 0), (0, max_decode_len), (0, 0))
         dtype = cfg.activation_dtype
-        layers = tuple({name: jnp.pad(value.astype(dtype), pad) for name, value in layer.items()}
-                       for layer in kv)
-        cache = {"index": jnp.asarray(prompt_len, jnp.int32),
-                 "positions": prompt_lengths.astype(jnp.int32),
-                 "key_positions": key_positions, "key_valid": key_valid, "layers": layers}
+        shape = (batch, cfg.num_kv_heads, max_decode_len, cfg.head_dim)
+        cache = {"index": jnp.zeros((), jnp.int32), "prompt_lengths": prompt_lengths,
+                 "prompt": tuple({name: value.astype(dtype) for name, value in layer.items()}
+                                 for layer in kv),
+                 "new": tuple({"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+                              for _ in kv)}
         return self.logits_of(last_hidden), cache
 
     def decode_step(self, cache: dict, tokens: Array) -> tuple[Array, dict]:
-        """tokens [batch] at slot cache['index'], positions cache['positions'] ->
-        (logits [batch, vocab] float32, the cache one step on)."""
-        index, positions = cache["index"], cache["positions"]
-        query_positions = positions[:, None]
+        """tokens [batch] at slot cache['index'] of the new tokens, positions
+        prompt_lengths + index -> (logits [batch, vocab] float32, the cache one
+        step on: only `index` and `new` change)."""
+        index, lengths = cache["index"], cache["prompt_lengths"]
+        prompt_len = cache["prompt"][0]["key"].shape[2]
+        new_len = cache["new"][0]["key"].shape[2]
+        # The keys as one sequence: the right-padded prompt, then the new slots
+        # (written through `index`; the causal mask also hides later ones).
+        key_positions, key_valid = decode_key_layout(lengths, prompt_len, new_len)
+        key_valid = key_valid & (jnp.arange(prompt_len + new_len) < prompt_len + index + 1)
+        query_positions = (lengths + index)[:, None]
         cos, sin = rotary_tables(self.config, query_positions)
-        bias = attention_bias(query_positions, cache["key_positions"], cache["key_valid"],
+        bias = attention_bias(query_positions, key_positions, key_valid,
                               self.config.sliding_window)
         x = self.embed_tokens(tokens[:, None])
-        layers = []
-        for layer, layer_cache in zip(self.layers, cache["layers"]):
-            x, layer_cache = layer(x, cos, sin, bias, layer_cache, index)
-            layers.append(layer_cache)
+        new = []
+        for layer, prompt, layer_new in zip(self.layers, cache["prompt"], cache["new"]):
+            x, layer_new = layer(x, cos, sin, bias, (prompt, layer_new), index)
+            new.append(layer_new)
         logits = self.logits_of(self.norm(x))[:, 0]
-        return logits, dict(cache, index=index + 1, positions=positions + 1,
-                            layers=tuple(layers))
+        return logits, dict(cache, index=index + 1, new=tuple(new))

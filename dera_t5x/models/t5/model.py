@@ -204,12 +204,17 @@ class EncoderDecoderModel:
 
     def predict(self, params: Params, encoder_input_tokens: Array, rng: Array, *,
                 max_decode_len: int, temperature: float | Array = 0.0, top_k: int = 0,
-                top_p: float = 1.0) -> decoding.DecodeOutput:
+                top_p: float = 1.0, partitioner: Any = None) -> decoding.DecodeOutput:
         """Samples (greedy by default) with the cached loop; call under `jax.jit`.
 
-        Padding is never generated (see `exclude_padding`).
+        Padding is never generated (see `exclude_padding`). With a
+        `partitioning.Partitioner` the decode cache follows `cache_axes` (rows
+        over 'data', heads over 'model'); placing params and inputs is the
+        caller's (`partitioner.shard_params`, `shard_batch`).
         """
         logits, cache = self.prefill(params, encoder_input_tokens, max_decode_len)
+        if partitioner is not None:
+            cache = partitioner.constrain(cache, self.cache_axes(cache))
 
         def tokens_to_logits(tokens, cache):
             logits, cache = self.decode_step(params, cache, tokens)
