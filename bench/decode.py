@@ -316,6 +316,9 @@ def bench_decoder_only(shape: str, batch: int, prompt_len: int, steps: int, reps
     """The decoder-only rows: {figure: value}."""
     (ref, aligned), (config, params_ref, params_aligned) = _decoder_only_pair(shape)
     ref, aligned = ref.to(torch_device), aligned.to(torch_device)
+    # On the device once, as PyTorch's are (numpy parameters would be copied
+    # to the device at every call).
+    params_ref, params_aligned = jax.device_put((params_ref, params_aligned))
     model = models.for_config(config)
     assert model.eos_ids == (), "the benchmarked shape decodes every step (no EOS)"
     inputs = np.random.default_rng(0).integers(2, config.vocab_size, size=(batch, prompt_len),
@@ -483,8 +486,9 @@ def main() -> None:
     print(f"memory bandwidth ({jax.devices()[0].platform}): {bandwidth / 1e9:.1f} GB/s; "
           f"PyTorch threads: {torch.get_num_threads()}", flush=True)
     figures = {"device": jax.devices()[0].platform, "torch_device": args.torch_device,
-               "torch_threads": torch.get_num_threads(), "inputs": args.inputs,
-               "steps": args.steps, "memory_bandwidth": bandwidth}
+               "torch_threads": torch.get_num_threads(), "memory_bandwidth": bandwidth}
+    if shapes:
+        figures.update(inputs=args.inputs, steps=args.steps)
     results = {}
     for shape in shapes:
         results[shape] = bench_shape(shape, batches[shape], args.inputs, args.steps, args.reps,

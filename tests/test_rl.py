@@ -138,7 +138,8 @@ def test_a_reference_of_another_architecture_is_refused(tmp_path):
 _EIGHT_DEVICES = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec as P
-    from dera_t5x import models, network, partitioning
+    from dera_t5x import models, partitioning
+    from dera_t5x.models.t5 import network
     from dera_t5x.training import rewards, rl
 
     assert jax.device_count() == 8
@@ -173,7 +174,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
     reference, ref_history = run(None)
     assert ref_history[-1][1] != 0.0  # the policy has moved off the reference
     for shape in ((2, 4), (4, 2)):
-        params, history = run(partitioning.Partitioner(shape))
+        params, history = run(partitioning.Partitioner(shape, model.param_axes))
         q = params["policy"]["encoder"]["layers_0"]["attention"]["query"]["kernel"]
         assert q.sharding.spec == P(None, "model"), q.sharding.spec
         np.testing.assert_allclose(history, ref_history, rtol=1e-4, atol=1e-5)
