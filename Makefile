@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo demo-dpo bench clean
 
 install: $(STAMP)
 
@@ -28,6 +28,13 @@ demo: install
 	$(PY) -m dera_t5x.reproduce --gin_file=gin/reproduce/length_reward_tiny.gin \
 		--output_dir=$(DEMO_DIR)
 	@echo "Report: $(DEMO_DIR)/report.md"
+
+# DeRa on DPO-aligned models against DPO retrained at beta / lambda (CPU, minutes).
+DPO_DIR ?= runs/dpo_length_tiny
+demo-dpo: install
+	$(PY) -m dera_t5x.reproduce --gin_file=gin/reproduce/dpo_length_tiny.gin \
+		--output_dir=$(DPO_DIR)
+	@echo "Report: $(DPO_DIR)/report.md"
 
 clean:
 	rm -rf $(VENV) .pytest_cache
