@@ -129,8 +129,24 @@ def operative_bindings() -> dict[str, str]:
         key, _, value = line.partition(" = ")
         key = key.strip()
         bindings[key] = value.strip()
-    return {k: " ".join(v.rstrip("\\").replace("\\ ", " ").split())
+    return {_full_key(k): " ".join(v.rstrip("\\").replace("\\ ", " ").split())
             for k, v in bindings.items()}
+
+
+def _full_key(key: str) -> str:
+    """'scope/fn.param' with the configurable's full name ('dera_t5x.training.
+    trainer.make_schedule.learning_rate'): gin prints the shortest unambiguous
+    name, which depends on what else the process imported. Macros stay."""
+    scope, _, selector = key.rpartition("/")
+    name, _, param = selector.rpartition(".")
+    if not name:
+        return key
+    try:
+        configurable = gin.get_configurable(name)
+    except ValueError:
+        return key
+    full = f"{configurable.__module__}.{configurable.__name__}.{param}"
+    return f"{scope}/{full}" if scope else full
 
 
 def _resolve(value: Any, depth: int) -> Any:
@@ -141,7 +157,7 @@ def _resolve(value: Any, depth: int) -> Any:
             return _resolve(gin.query_parameter(text), depth + 1)
         if depth > 8:
             return text
-        return {"@": text, **bindings_of(value.selector, depth + 1)}
+        return {"@": text, **bindings_of(value.scoped_selector, depth + 1)}
     if isinstance(value, dict):
         return {k: _resolve(v, depth) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -65,6 +65,7 @@ from dera_t5x.training import reward_model
 from dera_t5x.training import rewards
 from dera_t5x.training import rl
 from dera_t5x.training import sft
+from dera_t5x.training import trainer
 
 Params = Any
 
@@ -273,6 +274,13 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
         if not isinstance(value, int) or value < low:
             raise ValueError(f"reproduce.run.{name} must be an integer >= {low}, got {value!r}.")
     tasks.get_task(task_name)
+    # The trainers' counts, checked before the output folder is touched.
+    for selector in ("sft.train_sft", "rl.train_rl", "reward_model.train_reward_model",
+                     "dpo.train_dpo"):
+        counts = {name: value for name, value in gin_utils.bindings_of(selector).items()
+                  if name in ("batch_size", "num_steps", "checkpoint_every", "eval_every",
+                              "eval_batch_size")}
+        trainer.check_run_arguments(selector, **counts)
     out = pathlib.Path(output_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     model = models.for_config(model_config)
@@ -324,7 +332,7 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
         reward_settings = {"kind": "reward_model", "key": integrity.fingerprint(rm_settings)}
     aligner_settings = {"aligner": gin_utils.bindings_of("reproduce.run").get(
         "aligner", getattr(aligner, "__name__", repr(aligner))),
-        **_gin_settings("rl.train_rl", "rl.RLConfig", "rl.make_optimizer")}
+        **_gin_settings("rl.train_rl", "rl.RLConfig", "rl.make_optimizer", "dpo.train_dpo")}
 
     def rl_settings(beta_value):
         return {"stage": "align", **common, "beta": beta_value, "max_decode_len": max_decode_len,

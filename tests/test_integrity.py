@@ -5,6 +5,7 @@ pipeline cache keyed by its settings, one-line CLI errors, and API checks."""
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -264,6 +265,9 @@ def test_a_process_killed_during_a_checkpoint_write_resumes_exactly(tmp_path):
                              "20"], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == -9, result.stderr[-3000:]
+    # orbax was still writing step 20: its temporary folder is left, step 10 is the latest.
+    assert list((tmp_path / "b" / "checkpoints").glob("20.orbax-checkpoint-tmp*"))
+    assert trainer.Checkpointer(tmp_path / "b").latest_step() == 10
     resumed = trainer.train_loop(*toy(), num_steps=25, model_dir=tmp_path / "b",
                                  checkpoint_every=10)
     assert _steps(tmp_path / "b") == [10, 20, 25]
@@ -271,6 +275,7 @@ def test_a_process_killed_during_a_checkpoint_write_resumes_exactly(tmp_path):
     np.testing.assert_array_equal(resumed.rng, full.rng)
 
 
+@pytest.mark.slow
 def test_rl_killed_before_a_checkpoint_resumes_bit_identical(tmp_path, monkeypatch):
     model = models.EncoderDecoderModel(network.T5Config(
         vocab_size=4096, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
@@ -317,7 +322,8 @@ def test_resuming_under_changed_settings_is_refused_unless_allowed(tmp_path):
     run(5, 0.1)
     with pytest.raises(trainer.ChangedSettingsError,
                        match=r"trained to step 5 under other settings; changed: "
-                             r"trainer\.make_schedule\.learning_rate: 0\.1 -> 0\.05\. "
+                             r"dera_t5x\.training\.trainer\.make_schedule\.learning_rate: "
+                             r"0\.1 -> 0\.05\. "
                              r".*allow_changed_settings=True"):
         run(10, 0.05)
     with pytest.raises(trainer.ChangedSettingsError, match=r"changed: batch_size: 8 -> 4"):
@@ -368,7 +374,7 @@ def test_a_cli_user_error_is_one_line(tmp_path, module, flags, message):
     assert result.returncode == 1, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert __import__("re").match(message, errors[0]), errors[0]
+    assert re.match(message, errors[0]), errors[0]
     assert not out.exists() or not (set(os.listdir(out)) & {"config.gin", "tensorboard"})
     if module == "train.sft":  # asked for, the traceback is shown
         result = subprocess.run(command + ["--traceback"], cwd=REPO, env=env,
@@ -476,9 +482,9 @@ def test_the_pipeline_cache_follows_the_settings(tmp_path):
         assert second["timings_s"][name] == pytest.approx(
             seconds + second["timings_this_run_s"].get(name, 0.0))
     # An RL setting changes: the RL stages are trained again, SFT is not.
-    third = _pipeline(tmp_path, "reproduce.run.lambdas = (0.0, 1.0, 4.0)",
+    third = _pipeline(tmp_path, "reproduce.run.lambdas = (0.0, 1.0)",
                       "rl.make_optimizer.policy_learning_rate = 3e-3")
-    assert sorted(p.name.split(".stale-")[0] for p in tmp_path.glob("*.stale-*")) == [
-        "rl_beta_0.25", "rl_beta_1"]
+    assert [p.name.split(".stale-")[0] for p in tmp_path.glob("*.stale-*")] == ["rl_beta_1"]
+    assert (tmp_path / "rl_beta_0.25").is_dir()  # not part of this run: left alone
     assert third["dera"][0] == second["dera"][0]  # lambda 0 is the (same) SFT model
-    assert third["dera"][2] != second["dera"][2]
+    assert third["dera"][1] != second["dera"][1]  # the base model was trained again

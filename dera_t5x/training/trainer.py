@@ -7,15 +7,21 @@
 - `make_train_step(loss_fn, optimizer, partitioner)`: one jitted,
   state-donating update for any `loss_fn(params, batch, rng) -> (loss, metrics)`.
 - `Checkpointer`: orbax `CheckpointManager` over `TrainState` under
-  `model_dir/checkpoints` (periodic, keep N, restore latest or a given step).
+  `model_dir/checkpoints` (periodic, keep N, restore latest or a given step),
+  each step with a manifest of per-array sha256 checksums verified on restore.
 - `MetricsWriter`: `metrics.jsonl` and TensorBoard event files in model_dir.
 - `train_loop`: resumes from the latest checkpoint in model_dir, steps with a
   tqdm bar (loss, tokens/s), evaluates, checkpoints, and stops on a
   non-finite loss with an error naming the step.
 
 Exact resume: the rng lives in the state and the batch of step s comes from
-`batches_from(s)`, so a run killed after a checkpoint and restarted ends with
-params bitwise equal to an uninterrupted run's.
+`batches_from(s)`, so a run killed after a checkpoint (or while writing one:
+orbax commits a step by renaming its folder) and restarted ends with params
+bitwise equal to an uninterrupted run's, and `metrics.jsonl` holds each step
+once (the lines after the restored step are dropped). A resume under other
+settings (operative gin config, the caller's `settings`) is refused unless
+`trainer.train_loop.allow_changed_settings = True`; every start that trains
+appends its operative config to `config.gin`.
 """
 
 from __future__ import annotations
@@ -349,7 +355,7 @@ RESUMABLE_CHANGES = frozenset({"num_steps", "mesh_shape", "checkpoint_every", "k
                                "allow_changed_settings"})
 # Configurables that are not a training run's settings: the pipeline keys its
 # own stages (`reproduce`), placement (`partitioning`), the decode job.
-_NOT_RUN_SETTINGS = ("reproduce.", "partitioning.", "decode_job.", "dera_t5x.reproduce.")
+_NOT_RUN_SETTINGS = ("dera_t5x.reproduce.", "dera_t5x.partitioning.", "dera_t5x.decode_job.")
 _SETTINGS_FILE = "run_settings.json"
 _START_MARK = "# ---- dera-t5x start"
 
