@@ -90,8 +90,37 @@ def _markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         row = test[name]
         lines.append(f"| {name} (lambda {row['lambda']:g}) | {_fmt(row['mean_length'])} | "
                      f"{_fmt(row['mean_reward'])} | {_fmt(row['kl'])} | {_fmt(row['rougeL'])} |")
+    lines += _aligner_lines(results)
     lines += ["", "Plots: `length_vs_lambda.png`, `reward_vs_kl.png`, `examples.png`.", ""]
     return "\n".join(lines)
+
+
+def _aligner_lines(results: dict[str, Any]) -> list[str]:
+    """The aligned models' own held-out metrics (DPO: implicit-reward accuracy),
+    DeRa's monotonicity in lambda, and the RL model aiming at the same optimum."""
+    lines = []
+    evals = {name: metrics for name, metrics in results.get("aligner_eval", {}).items()
+             if metrics}
+    if evals:
+        names = sorted({key for metrics in evals.values() for key in metrics})
+        lines += ["", "## The aligned models' held-out metrics", "",
+                  "| model | " + " | ".join(names) + " |",
+                  "| --- |" + " --- |" * len(names)]
+        for model, metrics in evals.items():
+            lines.append(f"| {model} | " + " | ".join(_fmt(metrics.get(k), 3) for k in names)
+                         + " |")
+    lengths = [row.mean_length for row in eval_rows(results, "dera")]
+    monotone = all(a <= b for a, b in zip(lengths, lengths[1:]))
+    lines += ["", f"DeRa's mean length is {'' if monotone else 'not '}monotone in lambda."]
+    same = results.get("rl_same_optimum")
+    if same:
+        base = next(row for row in eval_rows(results, "retrained") if row.lam == 1.0)
+        lines += ["", f"RL at beta {same['beta']:g} (the same optimum as the base model): mean "
+                  f"length {same['mean_length']:.2f} (sem {same['mean_length_sem']:.2f}), KL "
+                  f"{same['kl']:.2f}, against {base.mean_length:.2f} (sem "
+                  f"{base.mean_length_sem:.2f}) and KL {base.kl:.2f} for the base "
+                  f"{results.get('aligner', 'aligned')} model."]
+    return lines
 
 
 def _plot_length(results: dict[str, Any], path: pathlib.Path) -> None:

@@ -49,6 +49,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from dera_t5x import aligners
 from dera_t5x import evaluation
 from dera_t5x import gin_utils
 from dera_t5x import integrity
@@ -234,17 +235,6 @@ class Evaluator:
 
 
 @gin.configurable
-def rl_aligner(model_dir: str, *, model: models.Model, params_ref: Params,
-               reward: rewards.Reward, beta: float, task_name: str,
-               feature_lengths: dict[str, int], max_decode_len: int, seed: int) -> Params:
-    """Aligns at `beta` with KL-regularized RL (`rl.train_rl`, gin-configured)."""
-    return rl.train_rl(model_dir, model=model, params_ref=params_ref, reward=reward,
-                       config=dataclasses.replace(rl.RLConfig(), beta=beta),
-                       task_name=task_name, feature_lengths=feature_lengths,
-                       max_decode_len=max_decode_len, seed=seed)
-
-
-@gin.configurable
 def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
         model_config: network.T5Config = gin.REQUIRED, task_name: str = gin.REQUIRED,
         feature_lengths: dict[str, int] = gin.REQUIRED, reward_kind: str = "length",
@@ -253,14 +243,21 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
         eval_batch_size: int = 50, max_eval_examples: int | None = None,
         max_decode_len: int = 64, rouge_margin: float = 2.0,
         gap_tolerance: float = 0.15, seed: int = 0,
-        aligner: Callable[..., Params] = rl_aligner,
+        aligner: Callable[..., Params] = aligners.rl_aligner,
+        rl_beta_same_optimum: float | None = None,
         mesh_shape: Sequence[int] | None = None) -> dict[str, Any]:
     """Runs (or resumes) a whole pipeline and writes its report; returns report.json.
 
     `aligner` is the "align at beta" step (gin: `reproduce.run.aligner`),
     called as aligner(model_dir, model=, params_ref=, reward=, beta=,
     task_name=, feature_lengths=, max_decode_len=, seed=) for the base model
-    and for every model retrained at beta / lambda. `mesh_shape` places the
+    and for every model retrained at beta / lambda (`aligners.rl_aligner`,
+    `aligners.dpo_aligner`); each aligned model's folder is
+    `<aligner>_beta_<beta>` and the last `eval/*` metrics of its training (DPO:
+    held-out preference accuracy) go to the report's `aligner_eval`.
+    `rl_beta_same_optimum` also trains RL at that beta and reports it as
+    `rl_same_optimum` (for DPO on labels drawn at tau: tau * beta, the RL model
+    that aims at the same optimum as the base DPO model). `mesh_shape` places the
     evaluation decodes and the reward model on a (data, model) mesh (RL and
     SFT take theirs through gin: `rl.train_rl.mesh_shape`, ...).
     """
@@ -330,20 +327,25 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
             seed=seed, mesh_shape=mesh_shape))
         reward = reward_model.as_reward(model, rm_params)
         reward_settings = {"kind": "reward_model", "key": integrity.fingerprint(rm_settings)}
-    aligner_settings = {"aligner": gin_utils.bindings_of("reproduce.run").get(
-        "aligner", getattr(aligner, "__name__", repr(aligner))),
-        **_gin_settings("rl.train_rl", "rl.RLConfig", "rl.make_optimizer", "dpo.train_dpo")}
+    def aligner_settings(chosen):
+        return {"aligner": getattr(chosen, "__name__", repr(chosen)),
+                **_gin_settings("rl.train_rl", "rl.RLConfig", "rl.make_optimizer",
+                                "dpo.train_dpo", "aligners.dpo_aligner")}
 
-    def rl_settings(beta_value):
+    def rl_settings(beta_value, chosen=aligner):
         return {"stage": "align", **common, "beta": beta_value, "max_decode_len": max_decode_len,
-                "sft": sft_key, "reward": reward_settings, "gin": aligner_settings}
+                "sft": sft_key, "reward": reward_settings, "gin": aligner_settings(chosen)}
 
-    def align(beta_value):
-        settings = rl_settings(beta_value)
-        return aligner(
-            _stage_dir(out / f"rl_beta_{_fmt_beta(beta_value)}", settings), model=model,
-            params_ref=params_ref, reward=reward, beta=beta_value, task_name=task_name,
-            feature_lengths=feature_lengths, max_decode_len=max_decode_len, seed=seed)
+    def stage_name(beta_value, chosen=aligner):
+        prefix = getattr(chosen, "__name__", "aligner").removesuffix("_aligner")
+        return f"{prefix}_beta_{_fmt_beta(beta_value)}"
+
+    def align(beta_value, chosen=aligner):
+        return chosen(_stage_dir(out / stage_name(beta_value, chosen),
+                                 rl_settings(beta_value, chosen)),
+                      model=model, params_ref=params_ref, reward=reward, beta=beta_value,
+                      task_name=task_name, feature_lengths=feature_lengths,
+                      max_decode_len=max_decode_len, seed=seed)
 
     base_key = integrity.fingerprint(rl_settings(beta))
     base_params = timed("rl_base", lambda: align(beta))
@@ -382,6 +384,17 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
                               lambda lam=lam: timed("retrained", lambda: retrained_row(lam)))
                  for lam in lambdas]
 
+    same_optimum = None
+    if rl_beta_same_optimum is not None:
+        rl_key = integrity.fingerprint(rl_settings(rl_beta_same_optimum, aligners.rl_aligner))
+        same_optimum = _cached_json(
+            out / f"rl_same_optimum_{eval_split}.json",
+            {"stage": "rl_same_optimum", **eval_settings, "sft": sft_key, "model": rl_key},
+            lambda: timed("rl_same_optimum", lambda: dataclasses.replace(
+                evaluator.evaluate(eval_split, params_ref,
+                                   align(rl_beta_same_optimum, aligners.rl_aligner), [1.0])[0],
+                beta=rl_beta_same_optimum).to_json()))
+
     selection_settings = {"stage": "selection", **eval_settings, "sft": sft_key,
                           "aligned": base_key, "dera": integrity.fingerprint(dera_settings),
                           "lambdas": lambdas, "rouge_margin": rouge_margin,
@@ -400,8 +413,23 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
         "dera": dera, "retrained": retrained, "selection": selection,
         "examples": _examples(dera, pipeline.load_split(task_name, eval_split, feature_lengths)),
         "timings_s": dict(totals), "timings_this_run_s": timings,
+        "aligner": getattr(aligner, "__name__", repr(aligner)),
+        "aligner_eval": {stage_name(beta / lam): _last_eval(out / stage_name(beta / lam))
+                         for lam in lambdas if lam > 0},
     }
+    if same_optimum is not None:
+        results["rl_same_optimum"] = same_optimum
     return report.write_report(out, results)
+
+
+def _last_eval(model_dir: str) -> dict[str, float]:
+    """The last `eval/*` metrics a training run wrote to its metrics.jsonl ({} if none)."""
+    path = pathlib.Path(model_dir) / "metrics.jsonl"
+    last = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            last.update({k: v for k, v in json.loads(line).items() if k.startswith("eval/")})
+    return last
 
 
 def _select(evaluator: Evaluator, dera: list[dict[str, Any]], params_ref: Params,

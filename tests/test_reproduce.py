@@ -84,3 +84,31 @@ def test_micro_faithfulness_pipeline_trains_a_reward_model_and_reports(tmp_path)
     assert '"eval/accuracy"' in metrics
     rewards = [row["mean_reward"] for row in content["dera"]]
     assert all(np.isfinite(rewards)) and len(set(rewards)) > 1
+
+
+@pytest.mark.slow
+def test_micro_dpo_pipeline_reports_dera_against_retrained_dpo(tmp_path):
+    bindings = MICRO + ["dpo.train_dpo.num_steps = 15", "dpo.train_dpo.batch_size = 8",
+                        "dpo/trainer.make_schedule.learning_rate = 3e-3",
+                        "dpo/trainer.make_schedule.warmup_steps = 0",
+                        "aligners.dpo_aligner.tau = 2.0", "aligners.dpo_aligner.max_prompts = 64",
+                        "reproduce.run.beta = 0.5", "reproduce.run.rl_beta_same_optimum = 1.0"]
+    gin.clear_config()
+    try:
+        gin_utils.parse(["gin/reproduce/dpo_length_tiny.gin"], bindings)
+        report = reproduce.run(str(tmp_path))
+    finally:
+        gin.clear_config()
+    assert report["aligner"] == "dpo_aligner" and report["lambdas"] == [0.0, 1.0, 2.0]
+    assert [row["lambda"] for row in report["dera"]] == [0.0, 1.0, 2.0]
+    assert [row["beta"] for row in report["retrained"]] == [None, 0.5, 0.25]
+    for name in ("dpo_beta_0.5", "dpo_beta_0.25"):
+        assert (tmp_path / name / "checkpoints").is_dir()
+        assert 0.0 <= report["aligner_eval"][name]["eval/rewards/accuracies"] <= 1.0
+    assert (tmp_path / "rl_beta_1").is_dir() and report["rl_same_optimum"]["beta"] == 1.0
+    header = json.loads((tmp_path / "preference_pairs.jsonl").read_text().splitlines()[0])
+    assert header["header"]["settings"]["tau"] == 2.0
+    # DPO moved the model: the base model's samples are longer than SFT's.
+    dera = [row["mean_length"] for row in report["dera"]]
+    assert dera[0] < dera[1], dera
+    assert "held-out metrics" in (tmp_path / "report.md").read_text()
