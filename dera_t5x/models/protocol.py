@@ -115,6 +115,39 @@ def first_argmax(x: Array) -> Array:
     return jnp.min(jnp.where(is_max, index, x.shape[-1]), axis=-1).astype(jnp.int32)
 
 
+def cross_entropy_metrics(logits: Array, targets: Array, weights: Array, *,
+                          z_loss: float = 0.0, label_smoothing: float = 0.0
+                          ) -> tuple[Array, dict[str, Array]]:
+    """Weighted token cross-entropy (T5X's, with its label-smoothing normalizer),
+    summed over tokens and divided by the weight sum; metrics `loss`, `z_loss`,
+    `accuracy`, `num_tokens`."""
+    weights = weights.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    confidence = 1.0 - label_smoothing
+    off = label_smoothing / (vocab - 1) if vocab > 1 else 0.0
+    target_lp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_z
+    cross_entropy = -confidence * target_lp
+    if label_smoothing:
+        log_probs = logits - log_z[..., None]
+        cross_entropy = cross_entropy - off * (jnp.sum(log_probs, -1) - target_lp)
+        # Subtract the entropy of the smoothed target so the minimum is 0 (as T5X).
+        normalizer = -(confidence * jnp.log(confidence)
+                       + (vocab - 1) * off * jnp.log(off + 1e-20))
+        cross_entropy = cross_entropy - normalizer
+    z_term = z_loss * jnp.square(log_z)
+    num_tokens = jnp.maximum(jnp.sum(weights), 1.0)
+    total = jnp.sum((cross_entropy + z_term) * weights) / num_tokens
+    correct = (first_argmax(logits) == targets).astype(jnp.float32)
+    metrics = {
+        "loss": total,
+        "z_loss": jnp.sum(z_term * weights) / num_tokens,
+        "accuracy": jnp.sum(correct * weights) / num_tokens,
+        "num_tokens": jnp.sum(weights),
+    }
+    return total, metrics
+
+
 def response_mask(responses: Array, eos_ids: Sequence[int], *, include_eos: bool = True
                   ) -> Array:
     """1.0 on the tokens up to and including the first EOS (without it, when

@@ -49,38 +49,6 @@ def _expected_shapes(model: "DecoderOnlyModel") -> dict[str, tuple[int, ...]]:
     return protocol.expected_shapes(model)
 
 
-def cross_entropy_metrics(logits: Array, targets: Array, weights: Array, *,
-                          z_loss: float = 0.0, label_smoothing: float = 0.0
-                          ) -> tuple[Array, dict[str, Array]]:
-    """Weighted token cross-entropy (T5X's, with its label-smoothing normalizer),
-    summed over tokens and divided by the weight sum; metrics `loss`, `z_loss`,
-    `accuracy`, `num_tokens`."""
-    weights = weights.astype(jnp.float32)
-    vocab = logits.shape[-1]
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    confidence = 1.0 - label_smoothing
-    off = label_smoothing / (vocab - 1) if vocab > 1 else 0.0
-    target_lp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_z
-    cross_entropy = -confidence * target_lp
-    if label_smoothing:
-        log_probs = logits - log_z[..., None]
-        cross_entropy = cross_entropy - off * (jnp.sum(log_probs, -1) - target_lp)
-        normalizer = -(confidence * jnp.log(confidence)
-                       + (vocab - 1) * off * jnp.log(off + 1e-20))
-        cross_entropy = cross_entropy - normalizer
-    z_term = z_loss * jnp.square(log_z)
-    num_tokens = jnp.maximum(jnp.sum(weights), 1.0)
-    total = jnp.sum((cross_entropy + z_term) * weights) / num_tokens
-    correct = (protocol.first_argmax(logits) == targets).astype(jnp.float32)
-    metrics = {
-        "loss": total,
-        "z_loss": jnp.sum(z_term * weights) / num_tokens,
-        "accuracy": jnp.sum(correct * weights) / num_tokens,
-        "num_tokens": jnp.sum(weights),
-    }
-    return total, metrics
-
-
 def _require_prompt_lengths(prompt_lengths: Array | None, method: str) -> Array:
     if prompt_lengths is None:
         raise ValueError(f"DecoderOnlyModel.{method} needs prompt_lengths [batch] (the "
@@ -157,7 +125,7 @@ class DecoderOnlyModel:
             raise ValueError("DecoderOnlyModel.loss needs batch['decoder_loss_weights']: a "
                              "decoder-only vocabulary has no padding id to infer them from.")
         logits = self.logits(params, batch["decoder_input_tokens"])
-        return cross_entropy_metrics(logits, batch["decoder_target_tokens"],
+        return protocol.cross_entropy_metrics(logits, batch["decoder_target_tokens"],
                                      batch["decoder_loss_weights"], z_loss=z_loss,
                                      label_smoothing=label_smoothing)
 

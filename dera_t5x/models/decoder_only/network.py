@@ -58,6 +58,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dera_t5x.models import layers
+
 Array = jax.Array
 NEG_INF = -1e10  # added to masked attention logits
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -221,49 +223,6 @@ def attention_bias(query_positions: Array, key_positions: Array, key_valid: Arra
     return jnp.where(ok, 0.0, NEG_INF).astype(jnp.float32)[:, None, None]
 
 
-def _init_scaled_normal(scale: float = 1.0):
-    """Normal init with stddev sqrt(scale / fan_in) for a 2-D kernel."""
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.normal(key, shape, dtype) * math.sqrt(scale / shape[0])
-
-    return init
-
-
-class Dense(nn.Module):
-    """A dense layer with a 2-D kernel [in, out] and an optional bias [out].
-
-    [..., in] -> [..., out] as one 2-D matmul over the flattened leading dims.
-    """
-
-    features: int
-    use_bias: bool = False
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        kernel = self.param("kernel", _init_scaled_normal(), (x.shape[-1], self.features))
-        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype))
-        if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,))
-            y = y + bias.astype(self.dtype)
-        return y.reshape(x.shape[:-1] + (self.features,))
-
-
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 (Hugging Face's LlamaRMSNorm)."""
-
-    epsilon: float = 1e-6
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
-        x = x.astype(jnp.float32)
-        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
-        return (x * scale.astype(jnp.float32)).astype(self.dtype)
-
-
 class Attention(nn.Module):
     """Grouped-query self-attention with rotary embeddings."""
 
@@ -272,10 +231,13 @@ class Attention(nn.Module):
     def setup(self):
         cfg = self.config
         dtype = cfg.activation_dtype
-        self.q_proj = Dense(cfg.num_heads * cfg.head_dim, cfg.attention_bias, dtype)
-        self.k_proj = Dense(cfg.num_kv_heads * cfg.head_dim, cfg.attention_bias, dtype)
-        self.v_proj = Dense(cfg.num_kv_heads * cfg.head_dim, cfg.attention_bias, dtype)
-        self.o_proj = Dense(cfg.hidden_size, False, dtype)
+        self.q_proj = layers.Dense(cfg.num_heads * cfg.head_dim, dtype,
+                                   use_bias=cfg.attention_bias)
+        self.k_proj = layers.Dense(cfg.num_kv_heads * cfg.head_dim, dtype,
+                                   use_bias=cfg.attention_bias)
+        self.v_proj = layers.Dense(cfg.num_kv_heads * cfg.head_dim, dtype,
+                                   use_bias=cfg.attention_bias)
+        self.o_proj = layers.Dense(cfg.hidden_size, dtype)
 
     def project(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array, Array]:
         """x [batch, len, hidden] -> query [batch, len, heads, head_dim] and keys,
@@ -326,9 +288,9 @@ class MLP(nn.Module):
     def __call__(self, x: Array) -> Array:
         cfg = self.config
         dtype = cfg.activation_dtype
-        gate = Dense(cfg.intermediate_size, False, dtype, name="gate_proj")(x)
-        up = Dense(cfg.intermediate_size, False, dtype, name="up_proj")(x)
-        return Dense(cfg.hidden_size, False, dtype, name="down_proj")(jax.nn.silu(gate) * up)
+        gate = layers.Dense(cfg.intermediate_size, dtype, name="gate_proj")(x)
+        up = layers.Dense(cfg.intermediate_size, dtype, name="up_proj")(x)
+        return layers.Dense(cfg.hidden_size, dtype, name="down_proj")(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -336,9 +298,9 @@ class DecoderLayer(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.input_layernorm = RMSNorm(cfg.rms_norm_eps, cfg.activation_dtype)
+        self.input_layernorm = layers.RMSNorm(cfg.rms_norm_eps, cfg.activation_dtype)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.rms_norm_eps, cfg.activation_dtype)
+        self.post_attention_layernorm = layers.RMSNorm(cfg.rms_norm_eps, cfg.activation_dtype)
         self.mlp = MLP(cfg)
 
     def __call__(self, x: Array, cos: Array, sin: Array, bias: Array,
@@ -366,27 +328,6 @@ class DecoderLayer(nn.Module):
         return x, out
 
 
-class Embed(nn.Module):
-    """The token embedding [vocab, hidden]; `attend` gives tied logits."""
-
-    num_embeddings: int
-    features: int
-    dtype: Any = jnp.float32
-
-    def setup(self):
-        self.embedding = self.param("embedding", nn.initializers.normal(stddev=1.0),
-                                    (self.num_embeddings, self.features))
-
-    def __call__(self, tokens: Array) -> Array:
-        return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
-
-    def attend(self, x: Array) -> Array:
-        """[..., hidden] -> float32 [..., vocab], as one 2-D matmul."""
-        logits = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype),
-                         self.embedding.T.astype(self.dtype), preferred_element_type=jnp.float32)
-        return logits.reshape(x.shape[:-1] + (self.num_embeddings,))
-
-
 def decode_key_layout(prompt_lengths: Array, prompt_len: int, extra: int
                       ) -> tuple[Array, Array]:
     """Positions and validity of `prompt_len + extra` slots: a right-padded prompt
@@ -411,11 +352,11 @@ class DecoderOnlyLM(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, cfg.activation_dtype)
+        self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, cfg.activation_dtype)
         self.layers = [DecoderLayer(cfg) for _ in range(cfg.num_layers)]
-        self.norm = RMSNorm(cfg.rms_norm_eps, cfg.activation_dtype)
+        self.norm = layers.RMSNorm(cfg.rms_norm_eps, cfg.activation_dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = Dense(cfg.vocab_size, False, cfg.activation_dtype)
+            self.lm_head = layers.Dense(cfg.vocab_size, cfg.activation_dtype)
 
     def logits_of(self, hidden: Array) -> Array:
         """Final-norm hidden states [..., hidden] -> float32 logits [..., vocab]."""

@@ -125,33 +125,10 @@ class EncoderDecoderModel:
         targets = batch["decoder_target_tokens"]
         weights = batch.get("decoder_loss_weights")
         weights = (targets > 0) if weights is None else weights
-        weights = weights.astype(jnp.float32)
         logits = self.logits(params, batch["encoder_input_tokens"],
                              batch["decoder_input_tokens"], dropout_rng)
-        vocab = logits.shape[-1]
-        log_z = jax.nn.logsumexp(logits, axis=-1)
-        confidence = 1.0 - label_smoothing
-        off = label_smoothing / (vocab - 1) if vocab > 1 else 0.0
-        target_lp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_z
-        cross_entropy = -confidence * target_lp
-        if label_smoothing:
-            log_probs = logits - log_z[..., None]
-            cross_entropy = cross_entropy - off * (jnp.sum(log_probs, -1) - target_lp)
-            # Subtract the entropy of the smoothed target so the minimum is 0 (as T5X).
-            normalizer = -(confidence * jnp.log(confidence)
-                           + (vocab - 1) * off * jnp.log(off + 1e-20))
-            cross_entropy = cross_entropy - normalizer
-        z_term = z_loss * jnp.square(log_z)
-        num_tokens = jnp.maximum(jnp.sum(weights), 1.0)
-        total = jnp.sum((cross_entropy + z_term) * weights) / num_tokens
-        correct = (protocol.first_argmax(logits) == targets).astype(jnp.float32)
-        metrics = {
-            "loss": total,
-            "z_loss": jnp.sum(z_term * weights) / num_tokens,
-            "accuracy": jnp.sum(correct * weights) / num_tokens,
-            "num_tokens": jnp.sum(weights),
-        }
-        return total, metrics
+        return protocol.cross_entropy_metrics(logits, targets, weights, z_loss=z_loss,
+                                              label_smoothing=label_smoothing)
 
     def token_log_probs(self, params: Params, inputs: Array, responses: Array, *,
                         prompt_lengths: Array | None = None, dropout_rng: Array | None = None,

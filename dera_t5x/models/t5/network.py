@@ -36,6 +36,8 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from dera_t5x.models import layers
+
 Array = jax.Array
 NEG_INF = -1e10  # added to masked attention logits (as in T5X)
 
@@ -90,47 +92,6 @@ class T5Config:
     @property
     def activation_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
-
-
-def _init_scaled_normal(scale: float):
-    """Normal init with stddev sqrt(scale / fan_in) for a 2-D kernel."""
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.normal(key, shape, dtype) * math.sqrt(scale / shape[0])
-
-    return init
-
-
-class Dense(nn.Module):
-    """A bias-free dense layer with a 2-D float32 kernel [in, out].
-
-    [..., in] -> [..., out] as one 2-D matmul over the flattened leading dims,
-    so that its gradients are plain 2-D matmuls too (no layout copies).
-    """
-
-    features: int
-    dtype: Any = jnp.float32
-    kernel_init: Any = _init_scaled_normal(1.0)
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
-        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype))
-        return y.reshape(x.shape[:-1] + (self.features,))
-
-
-class RMSNorm(nn.Module):
-    """T5 layer norm: no mean subtraction, no bias, computed in float32."""
-
-    epsilon: float = 1e-6
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
-        x = x.astype(jnp.float32)
-        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
-        return (x * scale).astype(self.dtype)
 
 
 def relative_position_bucket(relative_position: Array, bidirectional: bool,
@@ -210,10 +171,10 @@ class Attention(nn.Module):
         inner = cfg.num_heads * cfg.head_dim
         dtype = cfg.activation_dtype
         # T5 folds the 1/sqrt(head_dim) of attention into the query init.
-        self.query = Dense(inner, dtype, _init_scaled_normal(1.0 / cfg.head_dim))
-        self.key = Dense(inner, dtype)
-        self.value = Dense(inner, dtype)
-        self.out = Dense(cfg.emb_dim, dtype)
+        self.query = layers.Dense(inner, dtype, layers.init_scaled_normal(1.0 / cfg.head_dim))
+        self.key = layers.Dense(inner, dtype)
+        self.value = layers.Dense(inner, dtype)
+        self.out = layers.Dense(cfg.emb_dim, dtype)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def _split_heads(self, x: Array) -> Array:
@@ -267,10 +228,10 @@ class MLP(nn.Module):
         hidden = None
         for i, act in enumerate(acts):
             name = "wi" if len(acts) == 1 else f"wi_{i}"
-            h = _ACTIVATIONS[act](Dense(cfg.mlp_dim, dtype, name=name)(x))
+            h = _ACTIVATIONS[act](layers.Dense(cfg.mlp_dim, dtype, name=name)(x))
             hidden = h if hidden is None else hidden * h
         hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=deterministic)
-        return Dense(cfg.emb_dim, dtype, name="wo")(hidden)
+        return layers.Dense(cfg.emb_dim, dtype, name="wo")(hidden)
 
 
 class EncoderLayer(nn.Module):
@@ -279,7 +240,8 @@ class EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
         cfg = self.config
-        norm = lambda name: RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name=name)
+        def norm(name):
+            return layers.RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name=name)
         drop = nn.Dropout(cfg.dropout_rate)
         h = norm("pre_attention_layer_norm")(x)
         h = Attention(cfg, name="attention")(h, h, bias, deterministic)
@@ -297,11 +259,11 @@ class DecoderLayer(nn.Module):
     def setup(self):
         cfg = self.config
         dtype = cfg.activation_dtype
-        self.pre_self_attention_layer_norm = RMSNorm(cfg.layer_norm_epsilon, dtype)
+        self.pre_self_attention_layer_norm = layers.RMSNorm(cfg.layer_norm_epsilon, dtype)
         self.self_attention = Attention(cfg)
-        self.pre_cross_attention_layer_norm = RMSNorm(cfg.layer_norm_epsilon, dtype)
+        self.pre_cross_attention_layer_norm = layers.RMSNorm(cfg.layer_norm_epsilon, dtype)
         self.encoder_decoder_attention = Attention(cfg)
-        self.pre_mlp_layer_norm = RMSNorm(cfg.layer_norm_epsilon, dtype)
+        self.pre_mlp_layer_norm = layers.RMSNorm(cfg.layer_norm_epsilon, dtype)
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
@@ -343,27 +305,6 @@ class DecoderLayer(nn.Module):
         return x, dict(layer_cache, self_key=cached_key, self_value=cached_value)
 
 
-class Embed(nn.Module):
-    """The shared token embedding [vocab, emb]; `attend` gives tied logits."""
-
-    num_embeddings: int
-    features: int
-    dtype: Any = jnp.float32
-
-    def setup(self):
-        self.embedding = self.param("embedding", nn.initializers.normal(stddev=1.0),
-                                    (self.num_embeddings, self.features))
-
-    def __call__(self, tokens: Array) -> Array:
-        return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
-
-    def attend(self, x: Array) -> Array:
-        """[..., emb] -> float32 [..., vocab], as one 2-D matmul (see `Dense`)."""
-        logits = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype),
-                         self.embedding.T.astype(self.dtype), preferred_element_type=jnp.float32)
-        return logits.reshape(x.shape[:-1] + (self.num_embeddings,))
-
-
 def _padding_bias(key_mask: Array) -> Array:
     """[batch, k_len] bool -> additive bias [batch, 1, 1, k_len] float32."""
     return jnp.where(key_mask, 0.0, NEG_INF)[:, None, None, :].astype(jnp.float32)
@@ -385,7 +326,7 @@ class Encoder(nn.Module):
         x = nn.Dropout(cfg.dropout_rate)(self.shared_embedding(tokens), deterministic=deterministic)
         for i in range(cfg.num_encoder_layers):
             x = EncoderLayer(cfg, name=f"layers_{i}")(x, bias, deterministic)
-        x = RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name="encoder_norm")(x)
+        x = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name="encoder_norm")(x)
         return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
 
@@ -399,10 +340,10 @@ class Decoder(nn.Module):
             cfg.num_heads, cfg.relative_attention_num_buckets,
             cfg.relative_attention_max_distance, False)
         self.layers = [DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers)]
-        self.decoder_norm = RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype)
+        self.decoder_norm = layers.RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype)
         self.dropout = nn.Dropout(cfg.dropout_rate)
         if not cfg.logits_via_embedding:
-            self.logits_dense = Dense(cfg.vocab_size, cfg.activation_dtype)
+            self.logits_dense = layers.Dense(cfg.vocab_size, cfg.activation_dtype)
 
     def _final(self, x: Array, deterministic: bool) -> Array:
         """The final norm (and dropout): [batch, len, emb] -> hidden states."""
@@ -432,14 +373,14 @@ class Decoder(nn.Module):
         cfg = self.config
         batch = encoded.shape[0]
         shape = (batch, cfg.num_heads, max_decode_len, cfg.head_dim)
-        layers = []
+        layer_caches = []
         for layer in self.layers:
             cross_key, cross_value = layer.cross_key_value(encoded)
-            layers.append(dict(cross_key=cross_key, cross_value=cross_value,
-                               self_key=jnp.zeros(shape, cfg.activation_dtype),
-                               self_value=jnp.zeros(shape, cfg.activation_dtype)))
+            layer_caches.append(dict(cross_key=cross_key, cross_value=cross_value,
+                                     self_key=jnp.zeros(shape, cfg.activation_dtype),
+                                     self_value=jnp.zeros(shape, cfg.activation_dtype)))
         return dict(index=jnp.zeros((), jnp.int32), cross_bias=_padding_bias(encoder_mask),
-                    layers=tuple(layers))
+                    layers=tuple(layer_caches))
 
     def step(self, cache: dict, tokens: Array) -> tuple[Array, dict]:
         index = cache["index"]
@@ -463,7 +404,7 @@ class Transformer(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, cfg.activation_dtype)
+        self.token_embedder = layers.Embed(cfg.vocab_size, cfg.emb_dim, cfg.activation_dtype)
         self.encoder = Encoder(cfg, self.token_embedder)
         self.decoder = Decoder(cfg, self.token_embedder)
 
