@@ -17,10 +17,11 @@ report; `timings_this_run_s` is this run's).
 
 1. SFT of the model on the task (`sft/`);
 2. for the learned-reward pipeline, a Bradley-Terry reward model (`reward_model/`);
-3. RL from the SFT model at the base beta (`rl_beta_<beta>/`);
+3. alignment from the SFT model at the base beta with the gin-chosen aligner
+   (RL or DPO: `rl_beta_<beta>/`, `dpo_beta_<beta>/`);
 4. DeRa on the evaluation split for the whole lambda grid, one `dera_sweep`
    call per batch (`dera_<split>.json`);
-5. RL retrained at beta / lambda for every lambda not in {0, 1}; lambda = 0
+5. the model retrained at beta / lambda for every lambda not in {0, 1}; lambda = 0
    is the SFT model and lambda = 1 the base model, so those rows are exact by
    construction (`retrained_<split>.json`);
 6. the choice of lambda on the validation split (largest mean reward whose
