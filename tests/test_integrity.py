@@ -239,17 +239,18 @@ def test_the_final_eval_line_comes_after_the_final_checkpoint(tmp_path):
 
 _KILLED_IN_A_WRITE = _TOY + textwrap.dedent("""
     import os, signal, sys
-    import orbax.checkpoint as ocp
+    from orbax.checkpoint._src.path import atomicity
 
-    original = ocp.CheckpointManager.save
+    original = atomicity.AtomicRenameTemporaryPath.finalize
 
-    def save_then_die(self, step, *args, **kwargs):
-        result = original(self, step, *args, **kwargs)  # orbax writes in the background
-        if step == int(sys.argv[2]):
-            os.kill(os.getpid(), signal.SIGKILL)  # killed while the write is under way
-        return result
+    async def die_before_the_commit(self):
+        # Every file of the step is written into its temporary folder; the commit
+        # (the rename to its final name) is the write's last act: die right before it.
+        if self.get_final().name == sys.argv[2]:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return await original(self)
 
-    ocp.CheckpointManager.save = save_then_die
+    atomicity.AtomicRenameTemporaryPath.finalize = die_before_the_commit
     trainer.train_loop(*toy(), num_steps=25, model_dir=sys.argv[1], checkpoint_every=10)
 """)
 
