@@ -45,7 +45,8 @@ def dpo_aligner(model_dir: str, *, model: models.Model, params_ref: Params,
                 reward: rewards.Reward, beta: float, task_name: str,
                 feature_lengths: dict[str, int], max_decode_len: int, seed: int,
                 tau: float = gin.REQUIRED, labels: str = "sampled", flip_rate: float = 0.0,
-                held_out_fraction: float = 0.1, max_prompts: int | None = None) -> Params:
+                held_out_fraction: float = 0.1, max_prompts: int | None = None,
+                pairs_per_prompt: int = 1) -> Params:
     """Aligns at `beta` with DPO on pairs of the reference model's samples
     labelled by `reward` through Bradley-Terry at `tau` (`preference_pairs`).
 
@@ -59,7 +60,8 @@ def dpo_aligner(model_dir: str, *, model: models.Model, params_ref: Params,
     pairs = build_pairs(path, model=model, params_ref=params_ref, reward=reward,
                         task_name=task_name, feature_lengths=feature_lengths,
                         max_decode_len=max_decode_len, seed=seed, tau=tau, labels=labels,
-                        flip_rate=flip_rate, max_prompts=max_prompts)
+                        flip_rate=flip_rate, max_prompts=max_prompts,
+                        pairs_per_prompt=pairs_per_prompt)
     train, held_out = preference_pairs.split(pairs, held_out_fraction, seed)
     return dpo.train_dpo(model_dir, model=model, params_ref=params_ref, pairs=train,
                          eval_pairs=held_out, beta=beta, seed=seed)
@@ -68,7 +70,7 @@ def dpo_aligner(model_dir: str, *, model: models.Model, params_ref: Params,
 def build_pairs(path: pathlib.Path, *, model: models.Model, params_ref: Params,
                 reward: rewards.Reward, task_name: str, feature_lengths: dict[str, int],
                 max_decode_len: int, seed: int, tau: float, labels: str, flip_rate: float,
-                max_prompts: int | None) -> dict:
+                max_prompts: int | None, pairs_per_prompt: int = 1) -> dict:
     """The pipeline's cached pairs (see `dpo_aligner`)."""
     prompts = pipeline.load_split(task_name, "train", feature_lengths).features[
         "encoder_input_tokens"][:max_prompts]
@@ -76,10 +78,12 @@ def build_pairs(path: pathlib.Path, *, model: models.Model, params_ref: Params,
     settings = {"task": task_name, "feature_lengths": feature_lengths, "reward": reward.name,
                 "tau": tau, "labels": labels, "flip_rate": flip_rate, "seed": seed,
                 "max_decode_len": max_decode_len, "num_prompts": len(prompts),
+                "pairs_per_prompt": pairs_per_prompt,
                 "model_config": dataclasses.asdict(model.config)}
     return preference_pairs.cached(
         path, settings,
         lambda: preference_pairs.build(model, params_ref, prompts, reward, tau=tau,
                                        labels=labels, flip_rate=flip_rate,
-                                       max_decode_len=max_decode_len, seed=seed),
+                                       max_decode_len=max_decode_len,
+                                       pairs_per_prompt=pairs_per_prompt, seed=seed),
         texts=lambda rows: vocabularies.detokenize(vocabulary, rows))

@@ -119,6 +119,27 @@ def test_pairs_are_labelled_by_their_rewards(micro):
     assert np.all(soft["preference"] >= 0.5)
 
 
+def test_several_pairs_per_prompt_are_held_out_together(micro):
+    model, params, _, _ = micro
+    prompts = np.random.default_rng(1).integers(2, 32, size=(10, 6)).astype(np.int32)
+    pairs, dropped = preference_pairs.build(model, params, prompts, rewards.length_reward(),
+                                            tau=2.0, max_decode_len=6, pairs_per_prompt=3,
+                                            seed=0)
+    assert len(pairs["inputs"]) + dropped == 30
+    # Independent draws: the pairs of one prompt are not copies of each other.
+    first = pairs["inputs"][0]
+    same_prompt = np.all(pairs["inputs"] == first, axis=1)
+    assert len({pairs["chosen"][i].tobytes() for i in np.flatnonzero(same_prompt)}) > 1
+    train, held_out = preference_pairs.split(pairs, 0.3, seed=0)
+    assert len(train["inputs"]) + len(held_out["inputs"]) == len(pairs["inputs"])
+    train_prompts = {row.tobytes() for row in train["inputs"]}
+    assert held_out["inputs"].shape[0] > 0
+    assert not any(row.tobytes() in train_prompts for row in held_out["inputs"])
+    with pytest.raises(ValueError, match="pairs_per_prompt"):
+        preference_pairs.build(model, params, prompts, rewards.length_reward(), tau=2.0,
+                               max_decode_len=6, pairs_per_prompt=0)
+
+
 def test_pairs_are_cached_by_their_settings(micro, tmp_path):
     _, _, pairs, _ = micro
     path = tmp_path / "pairs.jsonl"

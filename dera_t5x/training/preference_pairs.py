@@ -1,7 +1,8 @@
 """Preference pairs we can compute: samples of the SFT model labelled by a reward.
 
-`build` samples two responses per prompt from a model (the SFT model, which
-DeRa uses as its reference) and labels each pair through a Bradley-Terry
+`build` samples `pairs_per_prompt` independent pairs of responses per prompt
+from a model (the SFT model, which DeRa uses as its reference) and labels each
+pair through a Bradley-Terry
 model of a reward r: response a is preferred with probability
 `sigmoid((r(a) - r(b)) / tau)`. Labels are drawn from that probability
 (`labels='sampled'`, optionally flipped with probability `flip_rate`, as
@@ -40,8 +41,9 @@ LABELS = ("sampled", "soft")
 
 def build(model: models.Model, params: Params, prompts: np.ndarray, reward: rewards.Reward, *,
           tau: float, labels: str = "sampled", flip_rate: float = 0.0, max_decode_len: int,
-          batch_size: int = 64, seed: int = 0) -> tuple[dict[str, np.ndarray], int]:
-    """Samples and labels one pair per prompt.
+          pairs_per_prompt: int = 1, batch_size: int = 64, seed: int = 0
+          ) -> tuple[dict[str, np.ndarray], int]:
+    """Samples and labels `pairs_per_prompt` pairs per prompt.
 
     Args:
       prompts: [n, in_len] model inputs (T5: encoder input tokens).
@@ -50,6 +52,7 @@ def build(model: models.Model, params: Params, prompts: np.ndarray, reward: rewa
       labels: 'sampled' (hard labels drawn from the preference probability)
         or 'soft' (preference = the probability).
       flip_rate: probability of swapping a sampled label (noise), in [0, 0.5].
+      pairs_per_prompt: independent pairs per prompt (rows of a prompt adjacent).
 
     Returns:
       (pairs, number dropped as identical): `inputs`, `chosen`, `rejected`
@@ -62,6 +65,9 @@ def build(model: models.Model, params: Params, prompts: np.ndarray, reward: rewa
         raise ValueError(f"labels must be one of {LABELS}, got {labels!r}.")
     if not 0.0 <= flip_rate <= 0.5:
         raise ValueError(f"flip_rate must be in [0, 0.5], got {flip_rate!r}.")
+    if not (isinstance(pairs_per_prompt, int) and pairs_per_prompt >= 1):
+        raise ValueError(f"pairs_per_prompt must be an integer >= 1, got {pairs_per_prompt!r}.")
+    prompts = np.repeat(np.asarray(prompts), pairs_per_prompt, axis=0)
     key = jax.random.PRNGKey(seed)
 
     @jax.jit
@@ -158,12 +164,19 @@ def cached(path: str | pathlib.Path, settings: dict[str, Any],
 
 def split(pairs: Mapping[str, np.ndarray], fraction: float, seed: int
           ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(train, held-out) by a seeded permutation; `fraction` of the pairs held out."""
-    n = len(pairs["inputs"])
-    order = np.random.default_rng([seed, 2]).permutation(n)
-    cut = n - max(1, int(round(fraction * n)))
-    return ({k: np.asarray(v)[order[:cut]] for k, v in pairs.items()},
-            {k: np.asarray(v)[order[cut:]] for k, v in pairs.items()})
+    """(train, held-out) by a seeded permutation of the prompts: about `fraction`
+    of the pairs held out, and every pair of a held-out prompt with them."""
+    _, prompt_of_pair = np.unique(np.asarray(pairs["inputs"]), axis=0, return_inverse=True)
+    prompt_of_pair = prompt_of_pair.reshape(-1)
+    num_prompts = int(prompt_of_pair.max()) + 1
+    order = np.random.default_rng([seed, 2]).permutation(num_prompts)
+    held_out_prompts = order[:max(1, int(round(fraction * num_prompts)))]
+    held_out = np.isin(prompt_of_pair, held_out_prompts)
+    if held_out.all():
+        raise ValueError(f"Holding out {fraction} of {num_prompts} prompts leaves no "
+                         "training pairs; lower the held-out fraction or add prompts.")
+    return ({k: np.asarray(v)[~held_out] for k, v in pairs.items()},
+            {k: np.asarray(v)[held_out] for k, v in pairs.items()})
 
 
 def reward_spread(pairs: Mapping[str, np.ndarray]) -> float:
