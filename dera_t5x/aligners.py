@@ -46,7 +46,7 @@ def dpo_aligner(model_dir: str, *, model: models.Model, params_ref: Params,
                 feature_lengths: dict[str, int], max_decode_len: int, seed: int,
                 tau: float = gin.REQUIRED, labels: str = "sampled", flip_rate: float = 0.0,
                 held_out_fraction: float = 0.1, max_prompts: int | None = None,
-                pairs_per_prompt: int = 1) -> Params:
+                pairs_per_prompt: int = 1, step_size_beta: float | None = None) -> Params:
     """Aligns at `beta` with DPO on pairs of the reference model's samples
     labelled by `reward` through Bradley-Terry at `tau` (`preference_pairs`).
 
@@ -55,6 +55,13 @@ def dpo_aligner(model_dir: str, *, model: models.Model, params_ref: Params,
     change); a `held_out_fraction` of them measures the implicit reward's
     preference accuracy (`eval/rewards/accuracies` in the metrics). DPO at
     beta on them targets the RL optimum for the reward at tau * beta.
+
+    `step_size_beta` scales the optimizer's updates by step_size_beta / beta.
+    DPO's loss depends on beta * (log-ratio margin) and its optimum's margin is
+    (reward difference) / (tau * beta): under Adam, whose steps do not shrink
+    with the gradient, a run at beta / 4 must move the log-probs 4 times as far
+    in the same number of steps. The scale makes every beta cover the same
+    distance in implicit-reward units per step (unscaled at beta = step_size_beta).
     """
     path = pathlib.Path(model_dir).parent / PAIRS_FILE
     pairs = build_pairs(path, model=model, params_ref=params_ref, reward=reward,
@@ -64,7 +71,8 @@ def dpo_aligner(model_dir: str, *, model: models.Model, params_ref: Params,
                         pairs_per_prompt=pairs_per_prompt)
     train, held_out = preference_pairs.split(pairs, held_out_fraction, seed)
     return dpo.train_dpo(model_dir, model=model, params_ref=params_ref, pairs=train,
-                         eval_pairs=held_out, beta=beta, seed=seed)
+                         eval_pairs=held_out, beta=beta, seed=seed,
+                         update_scale=1.0 if step_size_beta is None else step_size_beta / beta)
 
 
 def build_pairs(path: pathlib.Path, *, model: models.Model, params_ref: Params,

@@ -188,8 +188,20 @@ def test_reference_per_step_gives_the_same_training(micro, tmp_path):
                            cached, per_step)
 
 
+def test_update_scale_is_a_learning_rate_scale(micro, tmp_path):
+    model, params, pairs, _ = micro
+    kwargs = dict(model=model, params_ref=params, pairs=pairs, beta=0.5, batch_size=8, seed=0,
+                  num_steps=2)
+    scaled = dpo.train_dpo(str(tmp_path / "scaled"), optimizer=optax.adam(1e-2),
+                           update_scale=2.0, **kwargs)
+    doubled = dpo.train_dpo(str(tmp_path / "doubled"), optimizer=optax.adam(2e-2), **kwargs)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                           scaled, doubled)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"beta": 0.0}, "beta must be a finite number > 0"),
+    ({"update_scale": -1.0}, "update_scale must be a finite number > 0"),
     ({"loss_type": "kto"}, "loss_type must be one of"),
     ({"same": True}, "identical chosen and rejected"),
     ({"empty": True}, "empty chosen response"),

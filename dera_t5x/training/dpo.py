@@ -28,6 +28,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from dera_t5x import batching
 from dera_t5x import models
@@ -204,7 +205,7 @@ def train_dpo(model_dir: str, *, model: models.Model, params_ref: Params,
               eval_pairs: Mapping[str, np.ndarray] | None = None, loss_type: str = "sigmoid",
               batch_size: int = 16, num_steps: int = 100, optimizer=None, seed: int = 0,
               checkpoint_every: int = 50, reference_per_step: bool = False,
-              mesh_shape: Sequence[int] | None = None) -> Params:
+              update_scale: float = 1.0, mesh_shape: Sequence[int] | None = None) -> Params:
     """DPO from `params_ref` (also the initial policy) at strength `beta`.
 
     Args:
@@ -215,6 +216,8 @@ def train_dpo(model_dir: str, *, model: models.Model, params_ref: Params,
       reference_per_step: recompute the reference log-probs in every step
         instead of once per dataset (the same numbers, more compute; for data
         too large to hold them).
+      update_scale: multiplies the optimizer's updates (its learning rate);
+        `aligners.dpo_aligner` scales it as 1 / beta.
       mesh_shape: (data, model), as SFT and RL.
 
     Returns:
@@ -243,7 +246,11 @@ def train_dpo(model_dir: str, *, model: models.Model, params_ref: Params,
             del rng
             return loss_fn(model, params, batch, beta=beta, loss_type=loss_type)
 
+    if not (np.isfinite(update_scale) and update_scale > 0):
+        raise ValueError(f"update_scale must be a finite number > 0, got {update_scale!r}.")
     optimizer = optimizer if optimizer is not None else trainer.make_optimizer(name="adamw")
+    if update_scale != 1.0:
+        optimizer = optax.chain(optimizer, optax.scale(update_scale))
     state = trainer.TrainState.create(jax.tree_util.tree_map(jnp.copy, params_ref), optimizer,
                                       seed)
     eval_fn = None
