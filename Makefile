@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo demo-dpo bench clean
+.PHONY: install test test-fast demo demo-dpo reproduce-length bench clean
 
 install: $(STAMP)
 
@@ -35,6 +35,14 @@ demo-dpo: install
 	$(PY) -m dera_t5x.reproduce --gin_file=gin/reproduce/dpo_length_tiny.gin \
 		--output_dir=$(DPO_DIR)
 	@echo "Report: $(DPO_DIR)/report.md"
+
+# DeRa against retrained RL over 3 seeds sharing one SFT model: means, sd across
+# seeds, objectives with standard errors, the toy's predicted gap (CPU, < 1 hour).
+LENGTH_DIR ?= runs/length_reward_seeds
+reproduce-length: install
+	$(PY) -m dera_t5x.seeds --gin_file=gin/reproduce/length_reward_seeds.gin \
+		--output_dir=$(LENGTH_DIR)
+	@echo "Report: $(LENGTH_DIR)/report.md"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -146,6 +146,35 @@ def length_toy(p_stop: float, cap: int, beta: float, lam: float) -> tuple[float,
     return dera_mean, float(np.sum(n * exact))
 
 
+def fit_stop_probability(mean_length: float, cap: int) -> float:
+    """The stop probability p of `length_toy` whose SFT mean length (n >= 1,
+    at most cap) is `mean_length`: (1 - (1 - p)^cap) / p = mean_length, 1 < mean_length < cap."""
+    if not 1.0 < mean_length < cap:
+        raise ValueError(f"The toy's SFT mean length must lie in (1, {cap}), got {mean_length}.")
+    low, high = 1e-9, 1.0  # the mean falls from cap to 1 as p rises
+    for _ in range(200):
+        mid = 0.5 * (low + high)
+        if (1 - (1 - mid) ** cap) / mid > mean_length:
+            low = mid
+        else:
+            high = mid
+    return 0.5 * (low + high)
+
+
+def predicted_lengths(sft_mean_length: float, max_decode_len: int, beta: float, lam: float
+                      ) -> tuple[float, float]:
+    """`length_toy` matched to a measured SFT model: (DeRa's, the exact optimum's)
+    mean length at lam, in the pipeline's units (words before EOS, at most
+    max_decode_len).
+
+    The toy counts the stop as a token (n = words + 1, cap max_decode_len + 1);
+    its stop probability is fitted so that its SFT mean is `sft_mean_length`.
+    """
+    cap = max_decode_len + 1
+    dera, exact = length_toy(fit_stop_probability(sft_mean_length + 1, cap), cap, beta, lam)
+    return dera - 1, exact - 1
+
+
 if __name__ == "__main__":
     print("| beta | aligned mean | lambda 0.25 | 0.5 | 2 | 4 |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -67,14 +67,19 @@ def mix_logits(ref_logits: Array, aligned_logits: Array, lam: Array) -> Array:
     return lam * aligned_logits + (1.0 - lam) * ref_logits
 
 
+def mixed_logits(model: models.Model, ref_logits: Array, aligned_logits: Array, lam: Array
+                 ) -> Array:
+    """The logits DeRa samples from: `mix_logits` with the model's banned ids
+    excluded after mixing (lam > 1 would turn a logit masked in both models
+    into a large positive one). [batch, ..., vocab]; lam [batch] or a scalar.
+    Distillation (`training/distill.py`) takes its teacher from here."""
+    return protocol.ban_tokens(mix_logits(ref_logits, aligned_logits, lam), model.banned_ids)
+
+
 def _mix(model: models.Model, ref_logits: Array, aligned_logits: Array, lam: Array
          ) -> tuple[Array, dict[str, Array]]:
-    """(mixed logits, aux {'ref', 'aligned', 'mixed'}) [batch, vocab], banned ids excluded.
-
-    Banned ids are excluded after mixing: lam > 1 would turn a logit masked in
-    both models into a large positive one.
-    """
-    mixed = protocol.ban_tokens(mix_logits(ref_logits, aligned_logits, lam), model.banned_ids)
+    """(mixed logits, aux {'ref', 'aligned', 'mixed'}) [batch, vocab], banned ids excluded."""
+    mixed = mixed_logits(model, ref_logits, aligned_logits, lam)
     aux = {"ref": protocol.ban_tokens(ref_logits, model.banned_ids),
            "aligned": protocol.ban_tokens(aligned_logits, model.banned_ids), "mixed": mixed}
     return mixed, aux

@@ -4,6 +4,7 @@
 assembled (see `dera_t5x.reproduce`) and writes everything a reader needs to
 judge DeRa against retraining: the comparison table with gaps, the lambda
 choice on validation data and its test result, and three plots.
+`write_seed_report` does the same for a run over seeds (`dera_t5x.seeds`).
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def _markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {name} (lambda {row['lambda']:g}) | {_fmt(row['mean_length'])} | "
                      f"{_fmt(row['mean_reward'])} | {_fmt(row['kl'])} | {_fmt(row['rougeL'])} |")
     lines += _aligner_lines(results)
+    lines += _distilled_lines(results)
     lines += ["", "Plots: `length_vs_lambda.png`, `reward_vs_kl.png`, `examples.png`.", ""]
     return "\n".join(lines)
 
@@ -123,6 +125,38 @@ def _aligner_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _distilled_lines(results: dict[str, Any]) -> list[str]:
+    """The model DeRa at one lambda was distilled into (TrRa), beside DeRa."""
+    d = results.get("distilled")
+    if not d:
+        return []
+    lam, decode = d["lambda"], d["decode"]
+    lines = ["", f"## One model at lambda {lam:g} (distilled, TrRa)", "",
+             f"DeRa's mixture at lambda {lam:g} distilled into one model (responses: "
+             f"`{d['data_source']}`), evaluated like the others on the "
+             f"{results['eval_split']} split.", "",
+             "| model | mean length | mean reward | KL to SFT | ROUGE-L |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, row in ((f"DeRa at lambda {lam:g} (two models)", d["dera"]),
+                      ("distilled (one model)", d)):
+        lines.append(f"| {name} | {_fmt(row['mean_length'])} (sem "
+                     f"{_fmt(row['mean_length_sem'])}) | {_fmt(row['mean_reward'])} | "
+                     f"{_fmt(row['kl'])} | {_fmt(row['rougeL'])} |")
+    lines += ["", f"Length gap {100 * d['length_gap']:.1f}%; mean per-token KL(DeRa mixture "
+              f"|| distilled) on DeRa samples: {d['mixture_kl_per_token']:.4f} nats. One decode "
+              f"call at batch {decode['batch_size']}: distilled {decode['student_s']:.3f} s, "
+              f"DeRa {decode['dera_s']:.3f} s ({decode['student_over_dera']:.2f}x)."]
+    return lines
+
+
+def _lambda_axis(ax: Any, lambdas: list[float]) -> None:
+    """A symlog lambda axis with a tick at every lambda of the grid."""
+    ax.set_xscale("symlog", linthresh=min([lam for lam in lambdas if lam > 0], default=1.0))
+    ax.set_xticks(lambdas, [f"{lam:g}" for lam in lambdas])
+    ax.minorticks_off()
+    ax.set_xlabel("lambda")
+
+
 def _plot_length(results: dict[str, Any], path: pathlib.Path) -> None:
     dera, retrained = eval_rows(results, "dera"), eval_rows(results, "retrained")
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -131,11 +165,7 @@ def _plot_length(results: dict[str, Any], path: pathlib.Path) -> None:
     ax.errorbar([r.lam for r in retrained], [r.mean_length for r in retrained],
                 yerr=[r.mean_length_sem for r in retrained], marker="s", linestyle="--",
                 label="retrained at beta/lambda")
-    lambdas = [r.lam for r in dera]
-    ax.set_xscale("symlog", linthresh=min([lam for lam in lambdas if lam > 0], default=1.0))
-    ax.set_xticks(lambdas, [f"{lam:g}" for lam in lambdas])
-    ax.minorticks_off()
-    ax.set_xlabel("lambda")
+    _lambda_axis(ax, [r.lam for r in dera])
     ax.set_ylabel("mean summary length (tokens)")
     ax.set_title(f"{results['pipeline']}: base beta {results['beta']}")
     ax.legend()
@@ -187,6 +217,132 @@ def write_report(output_dir: str | pathlib.Path, results: dict[str, Any]) -> dic
     _plot_reward_kl(results, output_dir / "reward_vs_kl.png")
     _plot_examples(results, output_dir / "examples.png")
     return content
+
+
+def _seed_markdown(results: dict[str, Any]) -> str:
+    """The multi-seed report (`dera_t5x.seeds`): length gaps against their
+    tolerances, objectives with standard errors, the toy's predicted gap, the
+    RL runs' convergence."""
+    seeds, beta = results["seeds"], results["beta"]
+    rows = {row["lambda"]: row for row in results["retrained"]}
+    lines = [
+        f"# DeRa vs retrained models over {len(seeds)} seeds: {results['pipeline']}", "",
+        f"Base beta {beta}, reward `{results['reward']}`, seeds {seeds} sharing one SFT model; "
+        f"each model evaluated on the {results['eval_split']} split ({results['num_eval']} "
+        "samples per model and seed). Means over seeds; sd is the standard deviation across "
+        "seeds, se the standard error of the seed mean.", "",
+        "## Mean length", "",
+        "| lambda | beta/lambda | DeRa (sd) | retrained (sd) | gap | tolerance | within |",
+        "| --- | --- | --- | --- | --- | --- | --- |"]
+    for c in results["comparison"]:
+        d = next(row for row in results["dera"] if row["lambda"] == c["lambda"])
+        r = rows[c["lambda"]]
+        lines.append(
+            f"| {c['lambda']:g} | {_fmt(r['beta_over_lambda'], 3)} | {d['mean_length']:.2f} "
+            f"({d['mean_length_sd']:.2f}) | {r['mean_length']:.2f} ({r['mean_length_sd']:.2f}) | "
+            f"{c['gap']:+.2f} ({100 * c['relative_gap']:+.1f}%) | {c['tolerance']:.2f} "
+            f"({c['tolerance_rule']}) | {'yes' if c['within_tolerance'] else '**no**'} |")
+    lines += ["", "## Objective E[r] - (beta / lambda) KL(pi || pi_sft)", "",
+              "At lambda 0 both rows are the SFT model (KL exactly 0): the objective is E[r]. "
+              "A retrained model at its optimum scores at least DeRa's objective.", "",
+              "| lambda | DeRa (se) | retrained (se) | retrained - DeRa (se) | "
+              "retrained below DeRa by > 2 se |", "| --- | --- | --- | --- | --- |"]
+    for c in results["comparison"]:
+        d = next(row for row in results["dera"] if row["lambda"] == c["lambda"])
+        r = rows[c["lambda"]]
+        lines.append(
+            f"| {c['lambda']:g} | {d['objective']:.2f} ({d['objective_se']:.2f}) | "
+            f"{r['objective']:.2f} ({r['objective_se']:.2f}) | "
+            f"{c['objective_difference']:+.2f} ({c['objective_difference_se']:.2f}) | "
+            f"{'**yes**' if c['retrained_below_dera'] else 'no'} |")
+    lines += ["", "## The gap the method itself predicts (length toy)", "",
+              f"The toy's SFT policy stops with a constant probability per token, fitted to the "
+              f"SFT model's mean length ({results['dera'][0]['mean_length']:.2f}), capped at "
+              f"{results['max_decode_len']} tokens; its optimum at beta is "
+              "P*(n) ∝ P_sft(n) exp(n / beta), and DeRa mixes the per-token stop "
+              f"probabilities (`evaluation.predicted_lengths`, beta {beta}).", "",
+              "| lambda | measured gap (DeRa - retrained) | toy: DeRa vs exact | toy gap | "
+              "same direction |", "| --- | --- | --- | --- | --- |"]
+    for c in results["comparison"]:
+        if "predicted_relative_gap" not in c:
+            continue
+        agree = c["measured_direction"] == c["predicted_direction"]
+        lines.append(
+            f"| {c['lambda']:g} | {100 * c['relative_gap']:+.1f}% ({c['measured_direction']}) | "
+            f"{c['predicted_dera_length']:.1f} vs {c['predicted_exact_length']:.1f} | "
+            f"{100 * c['predicted_relative_gap']:+.1f}% ({c['predicted_direction']}) | "
+            f"{'yes' if agree else 'no'} |")
+    lines += ["", "## Convergence of the RL runs", "",
+              "`train/objective` (r - beta KL of the training batch) over the last quarter of "
+              "the logged steps against the quarter before; a plateau is a change of at most "
+              "2 se.", "",
+              "| lambda | beta | steps | final objective per seed | change per seed (se) | "
+              "all plateaued |", "| --- | --- | --- | --- | --- | --- |"]
+    for row in results["convergence"]:
+        runs = [run for run in row["runs"] if run["plateau"] is not None]
+        lines.append(
+            f"| {row['lambda']:g} | {row['beta']:.3g} | "
+            f"{', '.join(str(run['steps']) for run in row['runs'])} | "
+            f"{', '.join(_fmt(run['final_objective']) for run in runs) or 'too few logged'} | "
+            + (", ".join(f"{run['change']:+.2f} ({run['change_se']:.2f})" for run in runs)
+               or "-")
+            + f" | {'yes' if row['all_plateaued'] else 'no'} |")
+    targets = results["targets"]
+    lines += ["", "## Targets", "",
+              f"- Every length gap within its tolerance: "
+              f"{'yes' if targets['length_gaps_within_tolerance'] else 'no'}.",
+              f"- No retrained model's objective below DeRa's by more than 2 se: "
+              f"{'yes' if targets['no_retrained_objective_below_dera'] else 'no'}.", "",
+              f"Chosen lambda (the pipeline's rule on the seed means): "
+              f"**{results['chosen_lambda']:g}**; per seed: "
+              f"{', '.join(f'{lam:g}' for lam in results['chosen_lambda_per_seed'])}.", "",
+              f"Wall time of this run: {results['wall_time_this_run_s'] / 60:.1f} min; per stage "
+              "(s, summed over seeds): " + ", ".join(
+                  f"{name} {seconds:.0f}" for name, seconds in
+                  results["timings_this_run_s"].items()) + ".", "",
+              "Plots: `length_vs_lambda.png` (sd across seeds), `objective_vs_lambda.png` "
+              "(2 se); each seed's own report is in `seed_<s>/`.", ""]
+    return "\n".join(lines)
+
+
+def _plot_seeds(results: dict[str, Any], output_dir: pathlib.Path) -> None:
+    """Mean length with sd error bars, and retrained - DeRa objective with 2 se."""
+    lambdas = [row["lambda"] for row in results["dera"]]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for key, marker, style, label in (("dera", "o", "-", "DeRa at lambda"),
+                                      ("retrained", "s", "--", "retrained at beta/lambda")):
+        rows = results[key]
+        ax.errorbar(lambdas, [r["mean_length"] for r in rows],
+                    yerr=[r["mean_length_sd"] for r in rows], marker=marker, linestyle=style,
+                    capsize=3, label=label)
+    _lambda_axis(ax, lambdas)
+    ax.set_ylabel("mean summary length (tokens; bars: sd across seeds)")
+    ax.set_title(f"{results['pipeline']}: beta {results['beta']}, {len(results['seeds'])} seeds")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(output_dir / "length_vs_lambda.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    rows = results["comparison"]
+    ax.errorbar(lambdas, [r["objective_difference"] for r in rows],
+                yerr=[2 * r["objective_difference_se"] for r in rows], marker="o", capsize=3)
+    ax.axhline(0.0, color="gray", linewidth=0.8)
+    _lambda_axis(ax, lambdas)
+    ax.set_ylabel("objective: retrained - DeRa (bars: 2 se)")
+    ax.set_title("E[r] - (beta/lambda) KL: >= 0 at the optimum")
+    fig.tight_layout()
+    fig.savefig(output_dir / "objective_vs_lambda.png", dpi=120)
+    plt.close(fig)
+
+
+def write_seed_report(output_dir: str | pathlib.Path, results: dict[str, Any]
+                      ) -> dict[str, Any]:
+    """Writes the multi-seed report.json, report.md and plots; returns the JSON content."""
+    output_dir = pathlib.Path(output_dir)
+    (output_dir / "report.json").write_text(json.dumps(results, indent=2))
+    (output_dir / "report.md").write_text(_seed_markdown(results))
+    _plot_seeds(results, output_dir)
+    return results
 
 
 def compare(old: dict[str, Any], new: dict[str, Any], fields: tuple[str, ...] = (

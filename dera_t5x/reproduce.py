@@ -63,6 +63,7 @@ from dera_t5x.data import metrics
 from dera_t5x.data import pipeline
 from dera_t5x.data import tasks
 from dera_t5x.data import vocabularies
+from dera_t5x.training import distill
 from dera_t5x.training import reward_model
 from dera_t5x.training import rewards
 from dera_t5x.training import rl
@@ -193,11 +194,16 @@ class Evaluator:
                             for name, reward in self.rewards.items()}
         self.vocabulary = tasks.get_task(task_name).output_features["targets"].vocabulary
 
+    def inputs(self, split: str) -> np.ndarray:
+        """The evaluated inputs of a split, each repeated num_samples times: [n, in_len]."""
+        data = pipeline.load_split(self.task_name, split, self.feature_lengths)
+        return np.repeat(data.features["encoder_input_tokens"][:self.max_examples],
+                         self.num_samples, axis=0)
+
     def _decode_split(self, split: str, params_ref: Params, params_aligned: Params,
                       lambdas: Sequence[float]) -> tuple[dict[str, np.ndarray], Any]:
         data = pipeline.load_split(self.task_name, split, self.feature_lengths)
-        inputs = data.features["encoder_input_tokens"][:self.max_examples]
-        inputs = np.repeat(inputs, self.num_samples, axis=0)
+        inputs = self.inputs(split)
         columns = {"tokens": [], "ref_log_probs": [], "mixed_log_probs": [],
                    **{name: [] for name in self.rewards}}
         for i, rows, out in realign.sweep_batches(
@@ -243,9 +249,11 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
         eval_split: str = "validation", test_split: str = "test", num_eval_samples: int = 2,
         eval_batch_size: int = 50, max_eval_examples: int | None = None,
         max_decode_len: int = 64, rouge_margin: float = 2.0,
-        gap_tolerance: float = 0.15, seed: int = 0,
+        gap_tolerance: float = 0.15, seed: int = 0, sft_seed: int | None = None,
+        sft_dir: str | None = None,
         aligner: Callable[..., Params] = aligners.rl_aligner,
         rl_beta_same_optimum: float | None = None,
+        distill_lambda: float | str | None = "chosen",
         mesh_shape: Sequence[int] | None = None) -> dict[str, Any]:
     """Runs (or resumes) a whole pipeline and writes its report; returns report.json.
 
@@ -258,11 +266,21 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
     held-out preference accuracy) go to the report's `aligner_eval`.
     `rl_beta_same_optimum` also trains RL at that beta and reports it as
     `rl_same_optimum` (for DPO on labels drawn at tau: tau * beta, the RL model
-    that aims at the same optimum as the base DPO model). `mesh_shape` places the
+    that aims at the same optimum as the base DPO model). `distill_lambda`
+    ('chosen': the lambda chosen on validation; a number; None: no distillation)
+    distils DeRa at that lambda into one model (`distill.train_distill`, its
+    folder `distill_lambda_<lambda>`) and reports it as `distilled`, beside DeRa
+    at that lambda (`_distilled`). `mesh_shape` places the
     evaluation decodes and the reward model on a (data, model) mesh (RL and
     SFT take theirs through gin: `rl.train_rl.mesh_shape`, ...).
+
+    `seed` seeds every stage; `sft_seed` (default: `seed`) the SFT stage, which
+    goes to `sft_dir` (default `<output_dir>/sft`), so runs over several seeds
+    can share one SFT model (`dera_t5x.seeds`).
     """
     lambdas = _check_lambdas(lambdas)
+    if distill_lambda not in (None, "chosen"):
+        distill.check_lambda(distill_lambda)
     if reward_kind not in ("length", "reward_model"):
         raise ValueError(f"reward_kind must be 'length' or 'reward_model', got {reward_kind!r}.")
     rl.RLConfig(beta=beta)  # validates beta before any training
@@ -274,7 +292,7 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
     tasks.get_task(task_name)
     # The trainers' counts, checked before the output folder is touched.
     for selector in ("sft.train_sft", "rl.train_rl", "reward_model.train_reward_model",
-                     "dpo.train_dpo"):
+                     "dpo.train_dpo", "distill.train_distill"):
         counts = {name: value for name, value in gin_utils.bindings_of(selector).items()
                   if name in ("batch_size", "num_steps", "checkpoint_every", "eval_every",
                               "eval_batch_size")}
@@ -309,13 +327,15 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
               "feature_lengths": feature_lengths, "seed": seed,
               "vocabulary": _gin_settings("vocabularies.t5_vocabulary_file",
                                           "vocabularies.bundled_vocabulary_file")}
-    sft_settings = {"stage": "sft", **common,
+    sft_seed = seed if sft_seed is None else sft_seed
+    sft_settings = {"stage": "sft", **common, "seed": sft_seed,
                     "gin": _gin_settings("sft.train_sft", "trainer.make_optimizer",
                                          "trainer.make_schedule")}
     sft_key = integrity.fingerprint(sft_settings)
+    sft_path = pathlib.Path(sft_dir).absolute() if sft_dir else out / "sft"
     params_ref = timed("sft", lambda: sft.train_sft(
-        _stage_dir(out / "sft", sft_settings), model_config=model_config, task_name=task_name,
-        feature_lengths=feature_lengths, seed=seed))
+        _stage_dir(sft_path, sft_settings), model_config=model_config, task_name=task_name,
+        feature_lengths=feature_lengths, seed=sft_seed))
     if reward_kind == "length":
         reward = rewards.length_reward()
         reward_settings = {"kind": "length", **_gin_settings("rewards.length_reward")}
@@ -405,9 +425,29 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
                                  evaluator, dera, params_ref, base_params, lambdas,
                                  rouge_margin, eval_split, test_split)))
 
+    distilled = None
+    if distill_lambda is not None:
+        lam_d = selection["chosen_lambda"] if distill_lambda == "chosen" else float(distill_lambda)
+        distill_settings = {"stage": "distill", **common, "lambda": lam_d,
+                            "max_decode_len": max_decode_len, "sft": sft_key,
+                            "aligned": base_key, "gin": _gin_settings("distill.train_distill")}
+        distilled = _cached_json(
+            out / f"distilled_{eval_split}.json",
+            {"stage": "distilled", **eval_settings, "sft": sft_key, "aligned": base_key,
+             "model": integrity.fingerprint(distill_settings), "lambda": lam_d},
+            lambda: _distilled(evaluator, dera, params_ref, base_params, lam_d, eval_split, timed,
+                               lambda: distill.train_distill(
+                                   _stage_dir(out / f"distill_lambda_{lam_d:g}",
+                                              distill_settings),
+                                   model=model, params_ref=params_ref,
+                                   params_aligned=base_params, lam=lam_d,
+                                   data=distill.task_data(task_name, "train", feature_lengths),
+                                   max_decode_len=max_decode_len, seed=seed)))
+
     results = {
         "pipeline": pipeline_name, "reward": reward.name, "seed": seed, "beta": beta,
         "lambdas": list(lambdas), "eval_split": eval_split, "test_split": test_split,
+        "max_decode_len": max_decode_len,
         "num_eval": len(pipeline.load_split(task_name, eval_split, feature_lengths).texts[
             "targets"][:max_eval_examples]) * num_eval_samples,
         "gap_tolerance": gap_tolerance, "chosen_lambda": selection["chosen_lambda"],
@@ -420,6 +460,8 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
     }
     if same_optimum is not None:
         results["rl_same_optimum"] = same_optimum
+    if distilled is not None:
+        results["distilled"] = distilled
     return report.write_report(out, results)
 
 
@@ -454,6 +496,40 @@ def _select(evaluator: Evaluator, dera: list[dict[str, Any]], params_ref: Params
         "test": {name: _strip(row.to_json())
                  for name, row in zip(("chosen", "base", "sft"), test_rows)},
     }
+
+
+def _distilled(evaluator: Evaluator, dera: list[dict[str, Any]], params_ref: Params,
+               base_params: Params, lam: float, split: str, timed: Callable,
+               train: Callable[[], Params]) -> dict[str, Any]:
+    """The distilled model (`train()`) evaluated like every model (the aligned
+    model at lambda 1: length, rewards, KL to SFT, ROUGE), with `lambda` the
+    one it was distilled at, `dera` (DeRa at that lambda), `length_gap`,
+    `mixture_kl_per_token` (mean KL(DeRa mixture || student) per token on DeRa
+    samples of the split) and `decode` (`distill.decode_times` at the
+    evaluation batch size)."""
+    student = timed("distill", train)
+
+    def evaluate():
+        row = _strip(evaluator.evaluate(split, params_ref, student, [1.0])[0].to_json())
+        dera_row = next((r for r in dera if r["lambda"] == lam), None) or \
+            evaluator.evaluate(split, params_ref, base_params, [lam])[0].to_json()
+        inputs = evaluator.inputs(split)
+        mixture_kl = distill.make_eval_fn(
+            evaluator.model, params_ref, base_params, lam, {"inputs": inputs},
+            max_decode_len=evaluator.max_decode_len, batch_size=evaluator.batch_size,
+            seed=evaluator.seed, partitioner=evaluator.partitioner)(student)
+        times = distill.decode_times(evaluator.model, student, params_ref, base_params,
+                                     inputs[:evaluator.batch_size], lam,
+                                     max_decode_len=evaluator.max_decode_len,
+                                     seed=evaluator.seed)
+        source = gin_utils.bindings_of("distill.train_distill").get(
+            "data_source", distill.DEFAULT_DATA_SOURCE)
+        return {**row, "lambda": lam, "data_source": source, **mixture_kl, "decode": times,
+                "dera": _strip(dera_row),
+                "length_gap": evaluation.relative_gap(row["mean_length"],
+                                                      dera_row["mean_length"])}
+
+    return timed("distilled_eval", evaluate)
 
 
 def _strip(row: dict[str, Any]) -> dict[str, Any]:

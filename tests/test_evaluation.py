@@ -27,3 +27,16 @@ def test_length_toy_is_exact_at_lambda_one_and_approximate_elsewhere():
     dera, exact = evaluation.length_toy(0.05, 64, beta=15.0, lam=0.5)
     assert sft_mean < exact < 46.0
     assert 0.01 < abs(dera - exact) / exact < 0.2
+
+
+def test_the_toy_matched_to_a_measured_sft_length():
+    p = evaluation.fit_stop_probability(sum(0.95 ** t for t in range(64)), 64)
+    assert p == pytest.approx(0.05, rel=1e-6)
+    dera, exact = evaluation.predicted_lengths(28.0, 64, beta=8.0, lam=1.0)
+    assert dera == pytest.approx(exact)
+    sft = evaluation.predicted_lengths(28.0, 64, beta=1e9, lam=1.0)[1]
+    assert sft == pytest.approx(28.0, rel=1e-6)
+    dera, exact = evaluation.predicted_lengths(28.0, 64, beta=8.0, lam=0.25)
+    assert 28.0 < exact < dera  # below lambda 1 DeRa overshoots the exact optimum
+    with pytest.raises(ValueError, match="must lie in"):
+        evaluation.fit_stop_probability(70.0, 64)

@@ -6,8 +6,10 @@ import gin
 import numpy as np
 import pytest
 
+from dera_t5x import evaluation
 from dera_t5x import gin_utils
 from dera_t5x import reproduce
+from dera_t5x import seeds
 
 # A small model on short summaries (12 target tokens, so SFT learns to stop)
 # and a strong length reward, so that a few RL steps make summaries longer.
@@ -23,6 +25,7 @@ MICRO = [
     "reproduce.run.beta = 1.0", "reproduce.run.lambdas = (0.0, 1.0, 2.0)",
     "reproduce.run.max_decode_len = 24", "rl.RLConfig.max_decode_len = 24",
     "reproduce.run.max_eval_examples = 16", "reproduce.run.eval_batch_size = 32",
+    "distill.train_distill.num_steps = 4", "distill.train_distill.batch_size = 8",
 ]
 
 
@@ -55,6 +58,18 @@ def test_micro_pipeline_writes_a_report_with_the_trend(tmp_path):
     assert report["chosen_lambda"] in report["lambdas"]
     for name in ("report.md", "length_vs_lambda.png", "reward_vs_kl.png", "examples.png"):
         assert (tmp_path / name).stat().st_size > 0
+    # The distilled comparator (TrRa at the gin's lambda 2), evaluated like the others.
+    distilled = report["distilled"]
+    assert distilled["lambda"] == 2.0 and distilled["data_source"] == "dera_samples"
+    assert (tmp_path / "distill_lambda_2" / "checkpoints" / "4").is_dir()
+    assert distilled["dera"]["mean_length"] == report["dera"][2]["mean_length"]
+    assert distilled["length_gap"] == pytest.approx(abs(
+        distilled["mean_length"] - distilled["dera"]["mean_length"])
+        / distilled["dera"]["mean_length"])
+    assert 0 < distilled["mixture_kl_per_token"] < 10 and np.isfinite(distilled["kl"])
+    decode = distilled["decode"]
+    assert decode["batch_size"] == 32 and decode["student_s"] > 0 and decode["dera_s"] > 0
+    assert "One model at lambda 2 (distilled, TrRa)" in (tmp_path / "report.md").read_text()
     # A rerun reuses every stage.
     gin_utils.parse(["gin/reproduce/length_reward_tiny.gin"], MICRO)
     try:
@@ -62,6 +77,8 @@ def test_micro_pipeline_writes_a_report_with_the_trend(tmp_path):
     finally:
         gin.clear_config()
     assert again["dera"] == content["dera"]
+    assert again["distilled"] == content["distilled"] and "distill" not in again[
+        "timings_this_run_s"]
     assert sum(again["timings_this_run_s"].values()) < sum(content["timings_s"].values())
     assert again["timings_s"]["sft"] >= content["timings_s"]["sft"]  # accumulated
 
@@ -71,7 +88,8 @@ def test_micro_faithfulness_pipeline_trains_a_reward_model_and_reports(tmp_path)
     bindings = MICRO + ["reward_model.train_reward_model.num_steps = 5",
                         "reward_model.train_reward_model.feature_lengths = "
                         "{'inputs': 32, 'targets': 16}",
-                        "rl.train_rl.num_steps = 2", "reproduce.run.beta = 0.1"]
+                        "rl.train_rl.num_steps = 2", "reproduce.run.beta = 0.1",
+                        "reproduce.run.distill_lambda = None"]
     gin.clear_config()
     try:
         gin_utils.parse(["gin/reproduce/faithfulness_tiny.gin"], bindings)
@@ -92,7 +110,8 @@ def test_micro_dpo_pipeline_reports_dera_against_retrained_dpo(tmp_path):
                         "dpo/trainer.make_schedule.learning_rate = 3e-3",
                         "dpo/trainer.make_schedule.warmup_steps = 0",
                         "aligners.dpo_aligner.tau = 2.0", "aligners.dpo_aligner.max_prompts = 64",
-                        "reproduce.run.beta = 0.5", "reproduce.run.rl_beta_same_optimum = 1.0"]
+                        "reproduce.run.beta = 0.5", "reproduce.run.rl_beta_same_optimum = 1.0",
+                        "reproduce.run.distill_lambda = None"]
     gin.clear_config()
     try:
         gin_utils.parse(["gin/reproduce/dpo_length_tiny.gin"], bindings)
@@ -100,6 +119,7 @@ def test_micro_dpo_pipeline_reports_dera_against_retrained_dpo(tmp_path):
     finally:
         gin.clear_config()
     assert report["aligner"] == "dpo_aligner" and report["lambdas"] == [0.0, 1.0, 2.0]
+    assert "distilled" not in report and not list(tmp_path.glob("distill*"))  # disabled
     assert [row["lambda"] for row in report["dera"]] == [0.0, 1.0, 2.0]
     assert [row["beta"] for row in report["retrained"]] == [None, 0.5, 0.25]
     for name in ("dpo_beta_0.5", "dpo_beta_0.25"):
@@ -112,3 +132,53 @@ def test_micro_dpo_pipeline_reports_dera_against_retrained_dpo(tmp_path):
     dera = [row["mean_length"] for row in report["dera"]]
     assert dera[0] < dera[1], dera
     assert "held-out metrics" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_micro_two_seed_run_shares_sft_and_writes_seed_statistics(tmp_path):
+    bindings = MICRO + ["seeds.run_seeds.seeds = (0, 1)", "sft.train_sft.num_steps = 10",
+                        "rl.train_rl.num_steps = 4", "rl.train_rl.batch_size = 4",
+                        "rl.train_rl.num_steps_reference_beta = 1.0",
+                        "rl.train_rl.max_num_steps = 8", "rl.train_rl.checkpoint_every = 8",
+                        "reproduce.run.max_eval_examples = 8"]
+    gin.clear_config()
+    try:
+        gin_utils.parse(["gin/reproduce/length_reward_seeds.gin"], bindings)
+        content = seeds.run_seeds(str(tmp_path))
+    finally:
+        gin.clear_config()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report == json.loads(json.dumps(content))
+    assert report["seeds"] == [0, 1] and report["lambdas"] == [0.0, 1.0, 2.0]
+    # One SFT model for both seeds; each seed its own RL models and report.
+    assert (tmp_path / "sft" / "checkpoints").is_dir()
+    per_seed = [json.loads((tmp_path / f"seed_{s}" / "report.json").read_text()) for s in (0, 1)]
+    assert not (tmp_path / "seed_0" / "sft").exists()
+    assert [r["seed"] for r in per_seed] == [0, 1]
+    assert per_seed[0]["dera"][1] != per_seed[1]["dera"][1]  # two base models
+    for kind in ("dera", "retrained"):
+        for k, row in enumerate(report[kind]):
+            lengths = [r[kind][k]["mean_length"] for r in per_seed]
+            assert row["lambda"] == report["lambdas"][k]
+            assert row["mean_length"] == pytest.approx(np.mean(lengths))
+            assert row["mean_length_sd"] == pytest.approx(np.std(lengths, ddof=1))
+            lam, beta = row["lambda"], report["beta"]
+            objectives = [r[kind][k]["mean_reward"] - (beta / lam * r[kind][k]["kl"] if lam else 0)
+                          for r in per_seed]
+            assert row["objective"] == pytest.approx(np.mean(objectives))
+            assert row["objective_se"] == pytest.approx(np.std(objectives, ddof=1) / np.sqrt(2))
+    for row in report["comparison"]:
+        assert row["tolerance"] == pytest.approx(max(0.05 * row["retrained_length"], 2 * next(
+            r["mean_length_sd"] for r in report["retrained"] if r["lambda"] == row["lambda"])))
+        assert isinstance(row["retrained_below_dera"], bool)
+    toy_dera, toy_exact = evaluation.predicted_lengths(report["dera"][0]["mean_length"], 24,
+                                                       report["beta"], 2.0)
+    assert report["comparison"][2]["predicted_exact_length"] == pytest.approx(toy_exact)
+    assert report["comparison"][2]["predicted_dera_length"] == pytest.approx(toy_dera)
+    # The retrained model at beta 0.5 trained twice the base model's steps.
+    convergence = {row["lambda"]: row for row in report["convergence"]}
+    assert [run["steps"] for run in convergence[1.0]["runs"]] == [4, 4]
+    assert [run["steps"] for run in convergence[2.0]["runs"]] == [8, 8]
+    assert report["chosen_lambda"] in report["lambdas"]
+    for name in ("report.md", "length_vs_lambda.png", "objective_vs_lambda.png"):
+        assert (tmp_path / name).stat().st_size > 0

@@ -36,12 +36,15 @@ def _first_token_distribution(model, params):
     return jax.nn.softmax(models.exclude_padding(logits))
 
 
-@pytest.mark.parametrize("beta, policy_loss", [(0.5, "reinforce"), (2.0, "reinforce"),
-                                               (1.0, "ppo")])
-def test_one_step_rl_converges_to_the_kl_regularized_optimum(beta, policy_loss):
+@pytest.mark.parametrize("beta, policy_loss, normalize", [
+    (0.5, "reinforce", False), (2.0, "reinforce", False), (1.0, "ppo", False),
+    (0.5, "reinforce", True)])
+def test_one_step_rl_converges_to_the_kl_regularized_optimum(beta, policy_loss, normalize):
+    """Normalized advantages (a batch baseline and scale) keep the optimum."""
     model = models.EncoderDecoderModel(CONFIG)
     ref = model.init(jax.random.PRNGKey(0))
-    config = rl.RLConfig(beta=beta, max_decode_len=1, policy_loss=policy_loss, ppo_epochs=2)
+    config = rl.RLConfig(beta=beta, max_decode_len=1, policy_loss=policy_loss, ppo_epochs=2,
+                         normalize_advantages=normalize)
     optimizer = rl.make_optimizer(policy_learning_rate=3e-3, value_learning_rate=1e-2)
     reward = _table_reward()
     steps = rl.make_step_functions(model, config, optimizer, reward)
@@ -56,6 +59,8 @@ def test_one_step_rl_converges_to_the_kl_regularized_optimum(beta, policy_loss):
     assert 0.5 * float(jnp.abs(pi_sft - optimum).sum()) > 0.1  # the start is far away
     assert 0.5 * float(jnp.abs(pi - optimum).sum()) < 0.05
     assert metrics["kl"] > 0
+    assert metrics["objective"] == pytest.approx(metrics["reward"] - beta * metrics["kl"],
+                                                 rel=1e-5, abs=1e-5)
 
 
 def test_kl_is_zero_when_the_policy_is_the_reference():
@@ -68,6 +73,23 @@ def test_kl_is_zero_when_the_policy_is_the_reference():
     batch = steps.score(params, ref, None, prompts, responses)
     assert float(jnp.sum(batch["length"])) > 16
     np.testing.assert_array_equal(batch["kl"], 0.0)
+
+
+def test_runs_at_two_betas_share_compiled_steps_and_score_with_their_own_beta():
+    model = models.EncoderDecoderModel(CONFIG)
+    ref, policy = model.init(jax.random.PRNGKey(0)), model.init(jax.random.PRNGKey(1))
+    optimizer, reward = rl.make_optimizer(), rewards.length_reward()
+    steps = [rl.make_step_functions(model, rl.RLConfig(beta=beta, max_decode_len=4), optimizer,
+                                    reward) for beta in (0.1, 2.0)]
+    assert steps[0].rollout is steps[1].rollout and steps[0].update is steps[1].update
+    assert steps[0].score.func is steps[1].score.func
+    params = rl.init_params(policy, CONFIG.emb_dim)
+    prompts, responses = steps[0].rollout(params, PROMPTS[:8], jax.random.PRNGKey(0))
+    for beta, fns in zip((0.1, 2.0), steps):
+        batch = fns.score(params, ref, None, prompts, responses)
+        assert np.all(np.asarray(batch["kl"]) != 0)
+        np.testing.assert_allclose(batch["objective"], batch["reward"] - beta * batch["kl"],
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_value_loss_falls_on_a_fixed_batch():

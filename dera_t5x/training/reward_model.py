@@ -10,6 +10,7 @@ params (from an SFT or pre-trained checkpoint), 'head': the scalar head}.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Sequence
 
 import gin
@@ -51,6 +52,10 @@ def pairwise_loss(model: models.Model, params: Params,
                   ) -> tuple[Array, dict[str, Array]]:
     """Bradley-Terry loss on `inputs`, `chosen`, `rejected` [batch, len] int32.
 
+    With `preference` [batch] (P(chosen is preferred): soft labels) the loss
+    is the cross-entropy -p log sigmoid(m) - (1 - p) log sigmoid(-m) of the
+    margin m; without it p = 1.
+
     Returns (loss, metrics) with `loss`, `accuracy` (chosen scored higher) and
     `margin` (mean score difference).
     """
@@ -60,7 +65,11 @@ def pairwise_loss(model: models.Model, params: Params,
     scores = score(model, params, jnp.concatenate([inputs, inputs], 0), both, dropout_rng)
     chosen, rejected = jnp.split(scores, 2)
     margin = chosen - rejected
-    loss = -jnp.mean(jax.nn.log_sigmoid(margin))
+    losses = -jax.nn.log_sigmoid(margin)
+    if "preference" in batch:
+        p = batch["preference"]
+        losses = -p * jax.nn.log_sigmoid(margin) - (1.0 - p) * jax.nn.log_sigmoid(-margin)
+    loss = jnp.mean(losses)
     return loss, {"loss": loss, "accuracy": jnp.mean((margin > 0).astype(jnp.float32)),
                   "margin": jnp.mean(margin)}
 
@@ -80,6 +89,56 @@ def as_reward(model: models.Model, params: Params) -> rewards.Reward:
     return rewards.Reward(name="reward_model", apply=apply, params=params)
 
 
+def check_pairs(pairs: Mapping[str, np.ndarray], name: str = "pairs") -> None:
+    """Raises ValueError unless `pairs` are trainable preference pairs.
+
+    `inputs` [n, in_len], `chosen`, `rejected` [n, len] integers, no pair
+    with identical responses (it carries no preference), and an optional
+    `preference` [n] of finite probabilities.
+    """
+    missing = {"inputs", "chosen", "rejected"} - set(pairs)
+    if missing:
+        raise ValueError(f"{name} lack {sorted(missing)}; preference pairs need inputs, "
+                         "chosen and rejected token arrays.")
+    arrays = {key: np.asarray(pairs[key]) for key in ("inputs", "chosen", "rejected")}
+    if not all(a.ndim == 2 and np.issubdtype(a.dtype, np.integer) for a in arrays.values()):
+        raise ValueError(f"{name}: inputs, chosen and rejected must be 2-D integer token "
+                         f"arrays, got {[(a.shape, a.dtype) for a in arrays.values()]}.")
+    _check_same_length(arrays["chosen"], arrays["rejected"])
+    if len(arrays["inputs"]) != len(arrays["chosen"]) or not len(arrays["inputs"]):
+        raise ValueError(f"{name} need one input per pair and at least one pair, got "
+                         f"{len(arrays['inputs'])} inputs and {len(arrays['chosen'])} pairs.")
+    identical = int(np.sum(np.all(arrays["chosen"] == arrays["rejected"], axis=1)))
+    if identical:
+        raise ValueError(f"{identical} of {name} have identical chosen and rejected responses "
+                         "and carry no preference; drop them (preference_pairs.build does).")
+    if "preference" in pairs:
+        preference = np.asarray(pairs["preference"], np.float64)
+        if preference.shape != (len(arrays["inputs"]),) or not np.all(
+                np.isfinite(preference) & (preference >= 0) & (preference <= 1)):
+            raise ValueError(f"{name}: preference must hold one probability in [0, 1] per "
+                             "pair (no NaN); fix the labels.")
+
+
+def by_reward(pairs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The pairs a noiseless annotator of their reward would label: chosen is the
+    response with the larger `chosen_reward` / `rejected_reward`, ties dropped.
+
+    Accuracy on them (`pairwise_accuracy`) is a reward model's agreement with
+    that reward (e.g. a proxy's with the gold reward).
+    """
+    chosen_reward = np.asarray(pairs["chosen_reward"], np.float64)
+    rejected_reward = np.asarray(pairs["rejected_reward"], np.float64)
+    if not (np.all(np.isfinite(chosen_reward)) and np.all(np.isfinite(rejected_reward))):
+        raise ValueError("The pairs' rewards are not all finite; fix the reward that "
+                         "labelled them.")
+    swap = chosen_reward < rejected_reward
+    keep = chosen_reward != rejected_reward
+    return {"inputs": np.asarray(pairs["inputs"])[keep],
+            "chosen": np.where(swap[:, None], pairs["rejected"], pairs["chosen"])[keep],
+            "rejected": np.where(swap[:, None], pairs["chosen"], pairs["rejected"])[keep]}
+
+
 def _preference_arrays(task_name: str, split: str, feature_lengths: dict[str, int]
                        ) -> dict[str, np.ndarray]:
     from dera_t5x.data import pipeline  # noqa: PLC0415  (TensorFlow: the driver only)
@@ -92,10 +151,16 @@ def _preference_arrays(task_name: str, split: str, feature_lengths: dict[str, in
             "rejected": features["rejected_decoder_target_tokens"]}
 
 
+@functools.lru_cache(maxsize=8)
+def _accuracy_fn(model: models.Model):
+    """The jitted batch accuracy of a model's reward model (one compile per model)."""
+    return jax.jit(lambda params, batch: pairwise_loss(model, params, batch)[1]["accuracy"])
+
+
 def pairwise_accuracy(model: models.Model, params: Params,
                       arrays: Mapping[str, np.ndarray], batch_size: int = 64) -> float:
     """Fraction of held-out pairs where the chosen response scores higher."""
-    metrics_fn = jax.jit(lambda p, b: pairwise_loss(model, p, b)[1]["accuracy"])
+    metrics_fn = _accuracy_fn(model)
     correct = total = 0.0
     for batch, mask in batching.eval_batches(dict(arrays), batch_size):
         n = float(np.sum(mask))
@@ -105,29 +170,46 @@ def pairwise_accuracy(model: models.Model, params: Params,
     return correct / max(total, 1.0)
 
 
-@gin.configurable(denylist=["model_dir", "model", "model_params"])
+@gin.configurable(denylist=["model_dir", "model", "model_params", "pairs", "eval_pairs"])
 def train_reward_model(model_dir: str, *, model: models.Model, model_params: Params,
                        task_name: str = "factual_pairs",
                        feature_lengths: dict[str, int] = gin.REQUIRED, batch_size: int = 16,
                        num_steps: int = 200, optimizer=None, seed: int = 0,
                        checkpoint_every: int = 100, eval_split: str = "validation",
-                       mesh_shape: Sequence[int] | None = None) -> Params:
+                       mesh_shape: Sequence[int] | None = None,
+                       pairs: Mapping[str, np.ndarray] | None = None,
+                       eval_pairs: Mapping[str, Mapping[str, np.ndarray]] | None = None
+                       ) -> Params:
     """Trains a Bradley-Terry reward model from a model's params (e.g. the SFT model's).
 
-    Held-out pairwise accuracy is written to the metrics as `eval/accuracy`.
-    With several devices (or a `mesh_shape` (data, model)) the state is placed
-    by the model's partitioning rules and each batch split over 'data', as SFT.
+    It trains on the preference task's train split and writes the held-out
+    (`eval_split`) pairwise accuracy to the metrics as `eval/accuracy`; or on
+    `pairs` (arrays as `check_pairs` wants, e.g. `preference_pairs.build`'s)
+    and writes the accuracy on each of `eval_pairs` ({name: pairs}) as
+    `eval/<name>`. With several devices (or a `mesh_shape` (data, model)) the
+    state is placed by the model's partitioning rules and each batch split
+    over 'data', as SFT.
     """
     trainer.check_run_arguments("reward_model.train_reward_model", batch_size=batch_size,
                                 num_steps=num_steps, checkpoint_every=checkpoint_every)
+    if pairs is not None:
+        check_pairs(pairs)
+        for name, held_out in (eval_pairs or {}).items():
+            check_pairs(held_out, f"eval_pairs[{name!r}]")
     partitioner = partitioning.partitioner_for(mesh_shape, model.param_axes)
     if partitioner is not None:
         partitioner.check_batch_size(batch_size)
     settings = {"model_config": model.config, "task_name": task_name,
                 "feature_lengths": feature_lengths, "batch_size": batch_size, "seed": seed,
                 "init": integrity.params_fingerprint(model_params)}
-    train = _preference_arrays(task_name, "train", feature_lengths)
-    held_out = _preference_arrays(task_name, eval_split, feature_lengths)
+    if pairs is None:
+        train = _preference_arrays(task_name, "train", feature_lengths)
+        eval_sets = {"accuracy": _preference_arrays(task_name, eval_split, feature_lengths)}
+    else:
+        train = {key: np.asarray(value) for key, value in pairs.items()
+                 if key in ("inputs", "chosen", "rejected", "preference")}
+        eval_sets = dict(eval_pairs or {})
+        settings.update(task_name=None, pairs=integrity.params_fingerprint(train))
     optimizer = optimizer if optimizer is not None else trainer.make_optimizer(name="adamw")
     # A copy: the train step donates its state, and model_params stays in use.
     model_params = jax.tree_util.tree_map(jnp.copy, model_params)
@@ -138,6 +220,7 @@ def train_reward_model(model_dir: str, *, model: models.Model, model_params: Par
     state = trainer.train_loop(
         state, step, lambda start: batching.train_batches(train, batch_size, seed, start),
         num_steps=num_steps, model_dir=model_dir, checkpoint_every=checkpoint_every,
-        eval_fn=lambda p: {"accuracy": pairwise_accuracy(model, p, held_out)},
+        eval_fn=(lambda p: {name: pairwise_accuracy(model, p, arrays)
+                            for name, arrays in eval_sets.items()}) if eval_sets else None,
         description="reward model", partitioner=partitioner, settings=settings)
     return state.params

@@ -10,7 +10,8 @@ learned value baseline, one RL step being:
    reward (on the last token, or credited token by token for rewards that
    are sums over tokens such as the length reward; see `rewards.Reward`), value
    estimates, and GAE advantages (gamma 1, `gae_lambda` 1.0 by default, which
-   makes the advantage the return-to-go minus the value);
+   makes the advantage the return-to-go minus the value), optionally
+   normalized over the batch's response tokens (`normalize_advantages`);
 3. update: REINFORCE with the value baseline (default) or PPO with clipping
    (`ppo_epochs` updates on the same batch), plus the value regression.
 
@@ -22,6 +23,31 @@ Params are `{'policy': the model's params, 'value_head': a scalar head}`.
 The KL per token uses `log_ratio = log pi(y_t) - log pi_ref(y_t)` on samples
 from pi: k1 = log_ratio (default, unbiased), k3 = exp(-log_ratio) - 1 +
 log_ratio (non-negative, lower variance). The sequence KL is their sum.
+"full" uses the exact KL of the two next-token distributions at each sampled
+prefix instead (a sum over the vocabulary): in the per-token rewards, where
+its mean given the prefix equals k1's, and, differentiated directly, as a
+loss term (`kl_loss`), the part of the KL's gradient that a score-function
+estimate carries only through noisy samples. Together they are the exact
+gradient of E[r] - beta * KL; the direct term pulls every visited
+next-token distribution back towards the reference, where k1 lets the
+probabilities of tokens the reward does not care about drift and spend KL
+(measured on the length reward: 2-3x the KL a length shift needs).
+
+Normalization acts on the advantages, after the KL penalty entered the
+per-token rewards and GAE summed them: (A - mean) / std over the batch's
+response tokens. Subtracting a constant from every token's advantage is a
+constant baseline (no bias: each token's score function has mean 0 given
+its prefix) and dividing by a positive scalar rescales the step, so the
+optimum stays where it was. Shifting the per-token rewards instead would
+not be harmless: with per-token credit (the length reward) a shift of c per
+token adds -c * length to the return, a length penalty that moves the
+optimum.
+
+Each step logs `objective`, the batch mean of r(x, y) - beta * KL (the
+quantity RL maximizes), whose plateau is the convergence check. Small betas
+need longer runs (the optimum is farther from the reference):
+`train_rl(num_steps_reference_beta=...)` scales the number of steps with
+1 / beta below that beta, up to `max_num_steps`.
 """
 
 from __future__ import annotations
@@ -57,7 +83,7 @@ class RLConfig:
 
     Attributes:
       beta: KL strength (> 0).
-      kl_estimator: "k1" or "k3".
+      kl_estimator: "k1", "k3" or "full" (see the module docstring).
       policy_loss: "reinforce" (value baseline) or "ppo" (clipped ratio).
       gae_lambda: GAE lambda in [0, 1]; gamma is 1.
       ppo_epochs: updates per rollout batch with "ppo".
@@ -66,6 +92,8 @@ class RLConfig:
       max_decode_len: rollout length limit.
       temperature, top_k, top_p: rollout sampling (the KL-regularized optimum
         assumes plain sampling: temperature 1, no filtering).
+      normalize_advantages: whiten the advantages over the response tokens
+        of each rollout batch (see the module docstring; off by default).
     """
 
     beta: float = 0.05
@@ -79,14 +107,15 @@ class RLConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    normalize_advantages: bool = False
 
     def __post_init__(self):
         if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta)
                 and self.beta > 0):
             raise ValueError(f"RLConfig.beta must be a finite number > 0, got {self.beta!r}; "
                              "beta = 0 is unregularized RL, which DeRa cannot rescale.")
-        if self.kl_estimator not in ("k1", "k3"):
-            raise ValueError(f"RLConfig.kl_estimator must be 'k1' or 'k3', got "
+        if self.kl_estimator not in ("k1", "k3", "full"):
+            raise ValueError(f"RLConfig.kl_estimator must be 'k1', 'k3' or 'full', got "
                              f"{self.kl_estimator!r}.")
         if self.policy_loss not in ("reinforce", "ppo"):
             raise ValueError(f"RLConfig.policy_loss must be 'reinforce' or 'ppo', got "
@@ -113,6 +142,24 @@ def kl_per_token(log_probs: Array, ref_log_probs: Array, estimator: str) -> Arra
     if estimator == "k1":
         return log_ratio
     return jnp.exp(-log_ratio) - 1.0 + log_ratio
+
+
+def token_kl(log_softmax: Array, ref_log_softmax: Array) -> Array:
+    """KL(pi(.|prefix) || pi_ref(.|prefix)) per position: [batch, len, vocab] -> [batch, len]."""
+    return jnp.sum(jnp.exp(log_softmax) * (log_softmax - ref_log_softmax), axis=-1)
+
+
+def kl_loss(log_softmax: Array, ref_log_softmax: Array, mask: Array, kl_coef: Array) -> Array:
+    """kl_coef * the summed `token_kl` of the response positions, averaged over
+    sequences (the "full" estimator's direct term; the prefixes are held fixed).
+
+    Args:
+      log_softmax: [batch, len, vocab] under the params being differentiated;
+        ref_log_softmax: the reference's; mask: [batch, len].
+      kl_coef: beta times the scale applied to the advantages, so that both
+        parts of the gradient keep their ratio under normalization.
+    """
+    return kl_coef * jnp.sum(token_kl(log_softmax, ref_log_softmax) * mask) / mask.shape[0]
 
 
 def token_rewards(task_rewards: Array, kl: Array, mask: Array, beta: float) -> Array:
@@ -149,53 +196,137 @@ def gae(rewards: Array, values: Array, mask: Array, gae_lambda: float
     return advantages, (advantages + values) * mask
 
 
+def _masked_mean_and_scale(advantages: Array, mask: Array, eps: float = 1e-6
+                           ) -> tuple[Array, Array]:
+    """(mean, 1 / std) of the masked entries of [batch, len]."""
+    count = jnp.maximum(jnp.sum(mask), 1.0)
+    mean = jnp.sum(advantages * mask) / count
+    var = jnp.sum(jnp.square(advantages - mean) * mask) / count
+    return mean, jax.lax.rsqrt(var + eps)
+
+
+def normalize(advantages: Array, mask: Array) -> Array:
+    """(A - mean) / std over the masked tokens of the batch; [batch, len], 0 off the mask."""
+    mean, scale = _masked_mean_and_scale(advantages, mask)
+    return (advantages - mean) * scale * mask
+
+
+def advantages_and_returns(config: RLConfig, task_rewards: Array, kl: Array, values: Array,
+                           mask: Array, beta: float | Array | None = None
+                           ) -> tuple[Array, Array, Array]:
+    """GAE on the KL-penalized per-token rewards, then (if configured) normalized.
+
+    Args:
+      task_rewards, kl, values, mask: [batch, len].
+      beta: the KL strength (default config.beta; a traced scalar in `score`).
+    Returns:
+      (advantages, returns, scale): [batch, len], [batch, len] and the factor
+      the advantages were multiplied by (1 without normalization); the
+      returns (the value targets) are never normalized.
+    """
+    beta = config.beta if beta is None else beta
+    advantages, returns = gae(token_rewards(task_rewards, kl, mask, beta), values, mask,
+                              config.gae_lambda)
+    if not config.normalize_advantages:
+        return advantages, returns, jnp.ones((), jnp.float32)
+    mean, scale = _masked_mean_and_scale(advantages, mask)
+    return (advantages - mean) * scale * mask, returns, scale
+
+
+def next_token_log_softmax(model: models.Model, params: Params, prompts: Array,
+                           responses: Array) -> tuple[Array, Array]:
+    """(hidden states [batch, len, emb], log-probs [batch, len, vocab]) of the
+    positions that predict each response token, banned ids excluded."""
+    hidden, logits = model.response_states(params, prompts, responses)
+    hidden, logits = hidden[:, :-1], logits[:, :-1]  # the states that predict a response token
+    return hidden, jax.nn.log_softmax(protocol.ban_tokens(logits, model.banned_ids), axis=-1)
+
+
 def policy_outputs(model: models.Model, params: Params, prompts: Array, responses: Array
-                   ) -> tuple[Array, Array, Array]:
-    """Teacher-forced log-probs of the responses, values and entropies, [batch, len] each.
+                   ) -> tuple[Array, Array, Array, Array]:
+    """Teacher-forced log-probs of the responses, values and entropies, [batch, len]
+    each, and the next-token log-probs [batch, len, vocab].
 
     Values are V(x, y_<t), predicted before token t is chosen. Log-probs and
     entropies are those of the sampling distribution (banned ids excluded).
     """
-    hidden, logits = model.response_states(params["policy"], prompts, responses)
-    hidden, logits = hidden[:, :-1], logits[:, :-1]  # the states that predict a response token
-    log_softmax = jax.nn.log_softmax(protocol.ban_tokens(logits, model.banned_ids), axis=-1)
+    hidden, log_softmax = next_token_log_softmax(model, params["policy"], prompts, responses)
     mask = protocol.response_mask(responses, model.eos_ids)
     log_probs = jnp.take_along_axis(log_softmax, responses[..., None], -1)[..., 0] * mask
     entropy = -jnp.sum(jnp.exp(log_softmax) * log_softmax, axis=-1) * mask
     values = scalar_head.apply(params["value_head"], jax.lax.stop_gradient(hidden)) * mask
-    return log_probs, values, entropy
+    return log_probs, values, entropy, log_softmax
 
 
 def score_rollouts(model: models.Model, config: RLConfig, params: Params,
                    params_ref: Params, task_rewards: Array,
-                   encoder_input_tokens: Array, responses: Array) -> dict[str, Array]:
+                   encoder_input_tokens: Array, responses: Array,
+                   beta: float | Array | None = None) -> dict[str, Array]:
     """Everything the update needs, computed once per rollout batch.
 
     Args:
       task_rewards: [batch, len] per-token rewards summing to r(x, y).
       encoder_input_tokens: [batch, enc_len]; responses: [batch, len].
+      beta: the KL strength (default config.beta).
     Returns:
       a batch dict with the inputs, `old_log_probs`, `advantages`, `returns`
-      ([batch, len]) and per-sequence `reward`, `kl`, `length`, `entropy`.
+      ([batch, len]) and per-sequence `reward`, `kl`, `objective`
+      (reward - beta * kl), `length`, `entropy`; with the "full" estimator
+      also `ref_log_softmax` [batch, len, vocab] and `kl_coef` (`kl_loss`).
     """
-    log_probs, values, entropy = policy_outputs(model, params, encoder_input_tokens, responses)
-    ref_log_probs = model.token_log_probs(params_ref, encoder_input_tokens, responses,
-                                          exclude_banned=True)
+    log_probs, values, entropy, log_softmax = policy_outputs(model, params, encoder_input_tokens,
+                                                             responses)
     mask = protocol.response_mask(responses, model.eos_ids)
-    kl = kl_per_token(log_probs, ref_log_probs, config.kl_estimator) * mask
-    advantages, returns = gae(token_rewards(task_rewards, kl, mask, config.beta), values, mask,
-                              config.gae_lambda)
+    full = {}
+    if config.kl_estimator == "full":
+        _, full["ref_log_softmax"] = next_token_log_softmax(model, params_ref,
+                                                            encoder_input_tokens, responses)
+        kl = token_kl(log_softmax, full["ref_log_softmax"]) * mask
+    else:
+        ref_log_probs = model.token_log_probs(params_ref, encoder_input_tokens, responses,
+                                              exclude_banned=True)
+        kl = kl_per_token(log_probs, ref_log_probs, config.kl_estimator) * mask
+    beta = config.beta if beta is None else beta
+    advantages, returns, scale = advantages_and_returns(config, task_rewards, kl, values, mask,
+                                                        beta)
+    if full:
+        full["kl_coef"] = beta * scale
+    reward, sequence_kl = jnp.sum(task_rewards * mask, axis=1), jnp.sum(kl, axis=1)
     return {
+        **full,
         "encoder_input_tokens": encoder_input_tokens,
         "responses": responses,
         "old_log_probs": log_probs,
         "advantages": advantages,
         "returns": returns,
-        "reward": jnp.sum(task_rewards * mask, axis=1),
-        "kl": jnp.sum(kl, axis=1),
+        "reward": reward,
+        "kl": sequence_kl,
+        "objective": reward - beta * sequence_kl,
         "length": jnp.sum(mask, axis=1),
         "entropy": jnp.sum(entropy, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0),
     }
+
+
+def policy_loss(config: RLConfig, log_probs: Array, old_log_probs: Array,
+                advantages: Array, mask: Array) -> tuple[Array, Array]:
+    """The policy-gradient surrogate, summed over tokens and averaged over sequences.
+
+    Args:
+      log_probs: [batch, len] under the params being differentiated;
+        old_log_probs, advantages, mask: [batch, len] from the rollout.
+    Returns:
+      (loss, clip_fraction); clip_fraction is 0 for "reinforce".
+    """
+    num_tokens = jnp.maximum(jnp.sum(mask), 1.0)
+    if config.policy_loss == "reinforce":
+        surrogate = log_probs * advantages
+        clip_fraction = jnp.zeros(())
+    else:
+        ratio = jnp.exp(log_probs - old_log_probs)
+        clipped = jnp.clip(ratio, 1.0 - config.ppo_clip, 1.0 + config.ppo_clip)
+        surrogate = jnp.minimum(ratio * advantages, clipped * advantages)
+        clip_fraction = jnp.sum((jnp.abs(ratio - 1.0) > config.ppo_clip) * mask) / num_tokens
+    return -jnp.sum(surrogate * mask) / mask.shape[0], clip_fraction
 
 
 def loss(model: models.Model, config: RLConfig, params: Params,
@@ -203,37 +334,36 @@ def loss(model: models.Model, config: RLConfig, params: Params,
     """Policy-gradient loss (per sequence) plus the value regression (per token).
 
     Returns (loss, metrics) with `policy_loss`, `value_loss`, `clip_fraction`
-    and the rollout statistics `reward`, `kl`, `length`, `entropy`.
+    and the rollout statistics `reward`, `kl`, `objective`, `length`, `entropy`
+    (with the "full" estimator, `kl_loss` is part of `policy_loss`).
     """
-    log_probs, values, _ = policy_outputs(model, params, batch["encoder_input_tokens"],
-                                          batch["responses"])
+    log_probs, values, _, log_softmax = policy_outputs(model, params,
+                                                       batch["encoder_input_tokens"],
+                                                       batch["responses"])
     mask = protocol.response_mask(batch["responses"], model.eos_ids)
-    num_sequences = mask.shape[0]
     num_tokens = jnp.maximum(jnp.sum(mask), 1.0)
-    advantages = batch["advantages"]
-    if config.policy_loss == "reinforce":
-        objective = log_probs * advantages
-        clip_fraction = jnp.zeros(())
-    else:
-        ratio = jnp.exp(log_probs - batch["old_log_probs"])
-        clipped = jnp.clip(ratio, 1.0 - config.ppo_clip, 1.0 + config.ppo_clip)
-        objective = jnp.minimum(ratio * advantages, clipped * advantages)
-        clip_fraction = jnp.sum((jnp.abs(ratio - 1.0) > config.ppo_clip) * mask) / num_tokens
-    policy_loss = -jnp.sum(objective * mask) / num_sequences
+    pg_loss, clip_fraction = policy_loss(config, log_probs, batch["old_log_probs"],
+                                         batch["advantages"], mask)
+    if config.kl_estimator == "full":
+        pg_loss += kl_loss(log_softmax, batch["ref_log_softmax"], mask, batch["kl_coef"])
     value_loss = 0.5 * jnp.sum(jnp.square(values - batch["returns"]) * mask) / num_tokens
-    total = policy_loss + value_loss
-    metrics = {"loss": total, "policy_loss": policy_loss, "value_loss": value_loss,
+    total = pg_loss + value_loss
+    metrics = {"loss": total, "policy_loss": pg_loss, "value_loss": value_loss,
                "clip_fraction": clip_fraction}
-    for name in ("reward", "kl", "length", "entropy"):
+    for name in ("reward", "kl", "objective", "length", "entropy"):
         metrics[name] = jnp.mean(batch[name])
     return total, metrics
 
 
 @gin.configurable
+@functools.lru_cache(maxsize=None)
 def make_optimizer(policy_learning_rate: float = 5e-6, value_learning_rate: float = 1e-5,
                    max_grad_norm: float | None = 1.0) -> optax.GradientTransformation:
     """Adam for the policy and for the value head, each with its own learning rate
-    (the paper's 5e-6 and 1e-5 by default), after global-norm clipping."""
+    (the paper's 5e-6 and 1e-5 by default), after global-norm clipping.
+
+    One object per setting (the transformation is pure), so that the RL runs
+    of a pipeline share their compiled steps (`make_step_functions`)."""
     labels = {"policy": "policy", "value_head": "value_head"}
     optimizer = optax.multi_transform({"policy": optax.adam(policy_learning_rate),
                                        "value_head": optax.adam(value_learning_rate)},
@@ -260,7 +390,30 @@ class StepFunctions(NamedTuple):
 def make_step_functions(model: models.Model, config: RLConfig,
                         optimizer: optax.GradientTransformation,
                         reward: rewards.Reward) -> StepFunctions:
-    """Builds the jitted rollout, scoring and update functions."""
+    """The jitted rollout, scoring and update functions.
+
+    beta enters the scoring as an argument, so the functions (and what XLA
+    compiled for them) are shared in a process by every call with the same
+    model, optimizer, reward functions and config up to beta: a pipeline's RL
+    runs at different betas compile once.
+    """
+    key = (model, dataclasses.replace(config, beta=1.0), optimizer, reward.name, reward.apply,
+           reward.per_token)
+    if key not in _STEP_FUNCTIONS:
+        _STEP_FUNCTIONS[key] = _jitted_steps(model, key[1], optimizer,
+                                             dataclasses.replace(reward, params=None))
+    steps = _STEP_FUNCTIONS[key]
+    return steps._replace(score=functools.partial(steps.score,
+                                                  beta=jnp.float32(config.beta)))
+
+
+_STEP_FUNCTIONS: dict[tuple, StepFunctions] = {}
+
+
+def _jitted_steps(model: models.Model, config: RLConfig,
+                  optimizer: optax.GradientTransformation,
+                  reward: rewards.Reward) -> StepFunctions:
+    """`make_step_functions` with `score` taking beta (config.beta is not read)."""
 
     @jax.jit
     def rollout(params, prompts, rng):
@@ -272,10 +425,10 @@ def make_step_functions(model: models.Model, config: RLConfig,
         return prompts, out.tokens
 
     @jax.jit
-    def score(params, params_ref, reward_params, prompts, responses):
+    def score(params, params_ref, reward_params, prompts, responses, beta):
         task_rewards = reward.token_rewards(reward_params, prompts, responses)
         return score_rollouts(model, config, params, params_ref, task_rewards, prompts,
-                              responses)
+                              responses, beta)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def update(params, opt_state, batch):
@@ -304,14 +457,31 @@ def rl_step(steps: StepFunctions, config: RLConfig, params: Params, opt_state: A
     return params, opt_state, {k: float(v) for k, v in metrics.items()}
 
 
+def steps_for_beta(num_steps: int, beta: float, reference_beta: float | None,
+                   max_num_steps: int | None) -> int:
+    """`num_steps`, scaled by reference_beta / beta when beta is below reference_beta
+    (rounded up), at most `max_num_steps`; `num_steps` itself when reference_beta is None."""
+    if reference_beta is None or beta >= reference_beta:
+        return num_steps
+    steps = math.ceil(num_steps * reference_beta / beta)
+    return steps if max_num_steps is None else min(steps, max_num_steps)
+
+
 @gin.configurable(denylist=["model_dir", "model", "params_ref", "reward"])
 def train_rl(model_dir: str, *, model: models.Model, params_ref: Params,
              reward: rewards.Reward, task_name: str = gin.REQUIRED,
              feature_lengths: dict[str, int] = gin.REQUIRED, max_decode_len: int | None = None,
              batch_size: int = 16, num_steps: int = 100, config: RLConfig | None = None,
              optimizer: optax.GradientTransformation | None = None, seed: int = 0,
-             checkpoint_every: int = 50, mesh_shape: Sequence[int] | None = None) -> Params:
+             checkpoint_every: int = 50, mesh_shape: Sequence[int] | None = None,
+             num_steps_reference_beta: float | None = None,
+             max_num_steps: int | None = None) -> Params:
     """RL from `params_ref` (the frozen SFT model) at KL strength `config.beta`.
+
+    Runs `num_steps` steps, or with `num_steps_reference_beta` set and
+    config.beta below it, num_steps * num_steps_reference_beta / config.beta
+    steps, at most `max_num_steps` (`steps_for_beta`): the optimum at a small
+    beta lies farther from the reference and takes longer to reach.
 
     Prompts are the task's train-split inputs; each RL step is `rl_step`. A
     model_dir holding the final step returns its policy at once (resume and
@@ -329,12 +499,22 @@ def train_rl(model_dir: str, *, model: models.Model, params_ref: Params,
     """
     trainer.check_run_arguments("rl.train_rl", batch_size=batch_size, num_steps=num_steps,
                                 checkpoint_every=checkpoint_every)
+    if max_num_steps is not None and (not isinstance(max_num_steps, int)
+                                      or max_num_steps < num_steps):
+        raise ValueError(f"rl.train_rl.max_num_steps must be an integer >= num_steps "
+                         f"({num_steps}) or None (no cap), got {max_num_steps!r}.")
+    if num_steps_reference_beta is not None and not (
+            isinstance(num_steps_reference_beta, (int, float))
+            and math.isfinite(num_steps_reference_beta) and num_steps_reference_beta > 0):
+        raise ValueError(f"rl.train_rl.num_steps_reference_beta must be a finite number > 0 "
+                         f"or None (no scaling), got {num_steps_reference_beta!r}.")
     if max_decode_len is not None and (not isinstance(max_decode_len, int)
                                        or max_decode_len < 1):
         raise ValueError(f"rl.train_rl.max_decode_len must be an integer >= 1 or None (then "
                          f"RLConfig.max_decode_len), got {max_decode_len!r}.")
     config = config or RLConfig()
     config = dataclasses.replace(config, max_decode_len=max_decode_len or config.max_decode_len)
+    num_steps = steps_for_beta(num_steps, config.beta, num_steps_reference_beta, max_num_steps)
     model.check_params(params_ref, "The reference parameter set")
     settings = {"model_config": model.config, "task_name": task_name,
                 "feature_lengths": feature_lengths, "batch_size": batch_size, "seed": seed,
