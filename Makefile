@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo demo-dpo reproduce-length bench clean
+.PHONY: install test test-fast demo demo-dpo demo-gold reproduce-length bench clean
 
 install: $(STAMP)
 
@@ -35,6 +35,14 @@ demo-dpo: install
 	$(PY) -m dera_t5x.reproduce --gin_file=gin/reproduce/dpo_length_tiny.gin \
 		--output_dir=$(DPO_DIR)
 	@echo "Report: $(DPO_DIR)/report.md"
+
+# A proxy reward model trained on gold-labelled pairs, RL against it, DeRa vs
+# retrained RL scored by proxy and gold, lambda chosen by gold (CPU; not yet timed).
+GOLD_DIR ?= runs/gold_proxy_tiny
+demo-gold: install
+	$(PY) -m dera_t5x.reproduce --gin_file=gin/reproduce/gold_proxy_tiny.gin \
+		--output_dir=$(GOLD_DIR)
+	@echo "Report: $(GOLD_DIR)/report.md"
 
 # DeRa against retrained RL over 3 seeds sharing one SFT model: means, sd across
 # seeds, objectives with standard errors, the toy's predicted gap (CPU, < 1 hour).

@@ -146,6 +146,30 @@ def length_toy(p_stop: float, cap: int, beta: float, lam: float) -> tuple[float,
     return dera_mean, float(np.sum(n * exact))
 
 
+def tilted_optimum(sft_lengths: np.ndarray, beta: float) -> dict[str, float]:
+    """The exact KL-regularized optimum at beta for a reward that is the length,
+    estimated from samples of the SFT model.
+
+    pi*(y) ∝ pi_sft(y) exp(n(y) / beta) depends on y only through its length
+    n, so its length distribution is P_sft(n) exp(n / beta) / Z and its
+    objective max E[r] - beta * KL = beta * log E_sft[exp(n / beta)]. Both are
+    self-normalized importance estimates over the samples; `ess` (the
+    effective sample size) says how many carry the estimate (few at small
+    beta, where the longest samples dominate).
+
+    Args:
+      sft_lengths: [n] lengths of samples from the SFT model.
+    Returns:
+      {'mean_length', 'objective', 'ess'}.
+    """
+    lengths = np.asarray(sft_lengths, np.float64)
+    log_w = lengths / beta
+    w = np.exp(log_w - log_w.max())
+    return {"mean_length": float(np.sum(w * lengths) / np.sum(w)),
+            "objective": float(beta * (np.log(np.mean(w)) + log_w.max())),
+            "ess": float(np.sum(w) ** 2 / np.sum(w ** 2))}
+
+
 def fit_stop_probability(mean_length: float, cap: int) -> float:
     """The stop probability p of `length_toy` whose SFT mean length (n >= 1,
     at most cap) is `mean_length`: (1 - (1 - p)^cap) / p = mean_length, 1 < mean_length < cap."""

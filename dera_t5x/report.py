@@ -255,6 +255,22 @@ def _seed_markdown(results: dict[str, Any]) -> str:
             f"{r['objective']:.2f} ({r['objective_se']:.2f}) | "
             f"{c['objective_difference']:+.2f} ({c['objective_difference_se']:.2f}) | "
             f"{'**yes**' if c['retrained_below_dera'] else 'no'} |")
+    exact = [c for c in results["comparison"] if "exact_length" in c]
+    if exact:
+        lines += ["", "## The exact optimum at beta / lambda", "",
+                  "The reward is the length, so the optimum's length distribution is "
+                  "P_sft(n) exp(n lambda / beta) / Z, estimated from "
+                  f"{results['num_sft_length_samples']} samples of the SFT model "
+                  "(`evaluation.tilted_optimum`; ESS: its effective sample size). A converged "
+                  "retrained model sits at it.", "",
+                  "| lambda | exact length | DeRa | retrained | exact objective (ESS) | DeRa "
+                  "| retrained |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for c in exact:
+            lines.append(
+                f"| {c['lambda']:g} | {c['exact_length']:.2f} | {c['dera_length']:.2f} | "
+                f"{c['retrained_length']:.2f} | {c['exact_objective']:.2f} "
+                f"({c['exact_ess']:.0f}) | {c['dera_objective']:.2f} | "
+                f"{c['retrained_objective']:.2f} |")
     lines += ["", "## The gap the method itself predicts (length toy)", "",
               f"The toy's SFT policy stops with a constant probability per token, fitted to the "
               f"SFT model's mean length ({results['dera'][0]['mean_length']:.2f}), capped at "
@@ -315,6 +331,10 @@ def _plot_seeds(results: dict[str, Any], output_dir: pathlib.Path) -> None:
         ax.errorbar(lambdas, [r["mean_length"] for r in rows],
                     yerr=[r["mean_length_sd"] for r in rows], marker=marker, linestyle=style,
                     capsize=3, label=label)
+    exact = [r for r in results["comparison"] if "exact_length" in r]
+    if exact:
+        ax.plot([r["lambda"] for r in exact], [r["exact_length"] for r in exact], marker="x",
+                linestyle=":", color="gray", label="exact optimum at beta/lambda")
     _lambda_axis(ax, lambdas)
     ax.set_ylabel("mean summary length (tokens; bars: sd across seeds)")
     ax.set_title(f"{results['pipeline']}: beta {results['beta']}, {len(results['seeds'])} seeds")

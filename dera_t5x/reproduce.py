@@ -64,6 +64,7 @@ from dera_t5x.data import pipeline
 from dera_t5x.data import tasks
 from dera_t5x.data import vocabularies
 from dera_t5x.training import distill
+from dera_t5x.training import gold_reward
 from dera_t5x.training import reward_model
 from dera_t5x.training import rewards
 from dera_t5x.training import rl
@@ -71,6 +72,10 @@ from dera_t5x.training import sft
 from dera_t5x.training import trainer
 
 Params = Any
+# The pipelines' rewards: the length reward, a reward model trained on a
+# preference task, or the gold faithfulness reward with a proxy reward model
+# trained on gold-labelled pairs of SFT samples (RL aligns with the proxy).
+REWARD_KINDS = ("length", "reward_model", "gold_proxy")
 
 
 # Parameters of the trainers that do not change what a stage computes
@@ -254,6 +259,7 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
         aligner: Callable[..., Params] = aligners.rl_aligner,
         rl_beta_same_optimum: float | None = None,
         distill_lambda: float | str | None = "chosen",
+        human_task: str | None = None,
         mesh_shape: Sequence[int] | None = None) -> dict[str, Any]:
     """Runs (or resumes) a whole pipeline and writes its report; returns report.json.
 
@@ -277,12 +283,20 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
     `seed` seeds every stage; `sft_seed` (default: `seed`) the SFT stage, which
     goes to `sft_dir` (default `<output_dir>/sft`), so runs over several seeds
     can share one SFT model (`dera_t5x.seeds`).
+
+    `reward_kind` (`REWARD_KINDS`): 'gold_proxy' trains a proxy reward model on
+    gold-labelled pairs of SFT samples (`reward_model.train_proxy`, folder
+    `proxy_reward_model`), aligns with the proxy, evaluates every row with the
+    proxy (`reward_model`), the gold reward (`gold`) and its support
+    (`gold_support`), chooses lambda by the gold reward, and reports the
+    agreements of both with `human_task`'s human labels
+    (`_gold_proxy_results`).
     """
     lambdas = _check_lambdas(lambdas)
     if distill_lambda not in (None, "chosen"):
         distill.check_lambda(distill_lambda)
-    if reward_kind not in ("length", "reward_model"):
-        raise ValueError(f"reward_kind must be 'length' or 'reward_model', got {reward_kind!r}.")
+    if reward_kind not in REWARD_KINDS:
+        raise ValueError(f"reward_kind must be one of {REWARD_KINDS}, got {reward_kind!r}.")
     rl.RLConfig(beta=beta)  # validates beta before any training
     for name, value, low in (("num_eval_samples", num_eval_samples, 1),
                              ("eval_batch_size", eval_batch_size, 1),
@@ -336,9 +350,30 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
     params_ref = timed("sft", lambda: sft.train_sft(
         _stage_dir(sft_path, sft_settings), model_config=model_config, task_name=task_name,
         feature_lengths=feature_lengths, seed=sft_seed))
+    named_rewards = {}  # evaluated beside the reward the models are aligned with
+    select_by = "gold" if reward_kind == "gold_proxy" else None  # None: the aligned-with one
     if reward_kind == "length":
         reward = rewards.length_reward()
         reward_settings = {"kind": "length", **_gin_settings("rewards.length_reward")}
+    elif reward_kind == "gold_proxy":
+        gold_tables = gold_reward.tables_for_task(task_name, model_config.vocab_size)
+        named_rewards = {"gold": gold_reward.faithfulness_reward(gold_tables),
+                         "gold_support": gold_reward.faithfulness_reward(gold_tables,
+                                                                         length_guard=False)}
+        rm_settings = {"stage": "proxy_reward_model", **common, "sft": sft_key,
+                       "max_decode_len": max_decode_len, "human_task": human_task,
+                       "gin": _gin_settings("reward_model.train_proxy",
+                                            "reward_model.train_reward_model",
+                                            "gold_reward.faithfulness_reward",
+                                            "trainer.make_optimizer", "trainer.make_schedule")}
+        rm_dir = _stage_dir(out / "proxy_reward_model", rm_settings)
+        rm_params = timed("reward_model", lambda: reward_model.train_proxy(
+            rm_dir, model=model, params_ref=params_ref, reward=named_rewards["gold"],
+            task_name=task_name, feature_lengths=feature_lengths,
+            max_decode_len=max_decode_len, seed=seed, human_task=human_task,
+            mesh_shape=mesh_shape))
+        reward = reward_model.as_reward(model, rm_params)
+        reward_settings = {"kind": "gold_proxy", "key": integrity.fingerprint(rm_settings)}
     else:
         rm_settings = {"stage": "reward_model", **common, "sft": sft_key,
                        "gin": _gin_settings("reward_model.train_reward_model",
@@ -370,7 +405,8 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
 
     base_key = integrity.fingerprint(rl_settings(beta))
     base_params = timed("rl_base", lambda: align(beta))
-    evaluator = Evaluator(model, task_name, feature_lengths, {reward.name: reward},
+    evaluator = Evaluator(model, task_name, feature_lengths,
+                          {reward.name: reward, **named_rewards},
                           eval_batch_size, num_eval_samples, max_decode_len, seed,
                           max_eval_examples, partitioner)
     eval_settings = {**common, "reward": reward_settings, "eval_split": eval_split,
@@ -419,11 +455,12 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
     selection_settings = {"stage": "selection", **eval_settings, "sft": sft_key,
                           "aligned": base_key, "dera": integrity.fingerprint(dera_settings),
                           "lambdas": lambdas, "rouge_margin": rouge_margin,
-                          "test_split": test_split}
+                          "test_split": test_split,
+                          **({"select_by": select_by} if select_by else {})}
     selection = _cached_json(out / "selection.json", selection_settings,
                              lambda: timed("selection", lambda: _select(
                                  evaluator, dera, params_ref, base_params, lambdas,
-                                 rouge_margin, eval_split, test_split)))
+                                 rouge_margin, eval_split, test_split, select_by)))
 
     distilled = None
     if distill_lambda is not None:
@@ -462,6 +499,8 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
         results["rl_same_optimum"] = same_optimum
     if distilled is not None:
         results["distilled"] = distilled
+    if reward_kind == "gold_proxy":
+        results.update(_gold_proxy_results(results, rm_dir, named_rewards["gold"], human_task))
     return report.write_report(out, results)
 
 
@@ -477,25 +516,59 @@ def _last_eval(model_dir: str) -> dict[str, float]:
 
 def _select(evaluator: Evaluator, dera: list[dict[str, Any]], params_ref: Params,
             base_params: Params, lambdas: Sequence[float], rouge_margin: float,
-            eval_split: str, test_split: str) -> dict[str, Any]:
-    """Picks lambda on validation data and evaluates it on the test split."""
+            eval_split: str, test_split: str, by: str | None = None) -> dict[str, Any]:
+    """Picks lambda on validation data and evaluates it on the test split.
+
+    The criterion is the mean of the reward named `by` (e.g. the gold reward
+    of a gold / proxy pipeline), by default the one the models were aligned with.
+    """
     sft_rouge = next(row["rougeL"] for row in dera if row["lambda"] == 0.0) if 0.0 in lambdas \
         else evaluator.evaluate(eval_split, params_ref, base_params, [0.0])[0].rouge["rougeL"]
+    criterion = by or "mean_reward"
     table = [{"lambda": row["lambda"], "mean_reward": row["mean_reward"],
+              criterion: row["rewards"][by][0] if by else row["mean_reward"],
               "rougeL": row["rougeL"], "eligible": row["rougeL"] >= sft_rouge - rouge_margin}
              for row in dera]
     eligible = [row for row in table if row["eligible"]] or table
-    chosen = max(eligible, key=lambda row: row["mean_reward"])["lambda"]
+    chosen = max(eligible, key=lambda row: row[criterion])["lambda"]
     test_lambdas = [chosen, 1.0, 0.0]
     test_rows = evaluator.evaluate(test_split, params_ref, base_params, test_lambdas)
     return {
-        "objective": (f"Largest mean reward on the {eval_split} split among the lambdas whose "
+        "objective": (f"Largest mean {by or 'reward'} on the {eval_split} split among the "
+                      "lambdas whose "
                       f"ROUGE-L is at least the SFT model's minus {rouge_margin:g} "
                       f"(SFT ROUGE-L {sft_rouge:.2f})."),
         "validation": table, "chosen_lambda": chosen,
         "test": {name: _strip(row.to_json())
                  for name, row in zip(("chosen", "base", "sft"), test_rows)},
     }
+
+
+def _gold_proxy_results(results: dict[str, Any], proxy_dir: str, gold: rewards.Reward,
+                        human_task: str | None) -> dict[str, Any]:
+    """A gold / proxy pipeline's report fields: the proxy's agreement with gold
+    on held-out pairs and its accuracy on the human pairs, the gold reward's
+    agreement with the human labels, every row's `gold_reward` and
+    `proxy_reward`, and per comparator the lambda past which gold falls while
+    the proxy still rises (`gold_proxy_part_at`; None if they never part)."""
+    proxy = _last_eval(proxy_dir)
+    out = {"proxy_gold_agreement": proxy.get("eval/gold_agreement"),
+           "proxy_human_accuracy": proxy.get("eval/human_accuracy"), "gold_proxy_part_at": {}}
+    if human_task is not None:
+        out["gold_human_agreement"] = {
+            split: gold_reward.human_agreement(
+                gold, reward_model.preference_arrays(human_task, split,
+                                                     reward_model.HUMAN_PAIR_LENGTHS))
+            for split in ("validation", "test")}
+    for key in ("dera", "retrained"):
+        out[key] = [dict(row, gold_reward=row["rewards"]["gold"][0],
+                         proxy_reward=row["rewards"]["reward_model"][0]) for row in results[key]]
+        rows = sorted(out[key], key=lambda row: row["lambda"])
+        out["gold_proxy_part_at"][key] = next(
+            (a["lambda"] for a, b in zip(rows, rows[1:])
+             if b["gold_reward"] < a["gold_reward"] and b["proxy_reward"] > a["proxy_reward"]),
+            None)
+    return out
 
 
 def _distilled(evaluator: Evaluator, dera: list[dict[str, Any]], params_ref: Params,

@@ -12,7 +12,15 @@ the spread across seeds is that of RL (and of evaluation sampling), not of SFT.
 The aggregate `report.json` holds `seeds`, one row per lambda in `dera` and
 `retrained` (`mean_length` and `mean_length_sd` across seeds, `objective`
 and `objective_se`, ...), the per-lambda `comparison` with its tolerances,
-the toy's predicted gap and the RL runs' convergence (`convergence`).
+the toy's predicted gap, the exact optimum at beta / lambda and the RL runs'
+convergence (`convergence`).
+
+The exact optimum is known here: the reward is the length, so
+pi*(y) ∝ pi_sft(y) exp(n(y) / beta) has the length distribution
+P_sft(n) exp(n / beta) / Z, estimated from `optimum_samples` samples per
+evaluation input of the shared SFT model (`sft_lengths_<split>.json`,
+`evaluation.tilted_optimum`): its mean length and objective are what a
+converged retrained model reaches.
 
 The objective at lambda is E[r] - (beta / lambda) * KL(pi || pi_sft), which
 the model retrained at beta / lambda maximizes: a converged retrained model
@@ -34,8 +42,13 @@ import numpy as np
 
 from dera_t5x import evaluation
 from dera_t5x import gin_utils
+from dera_t5x import models
+from dera_t5x import realign
 from dera_t5x import report
 from dera_t5x import reproduce
+from dera_t5x.data import pipeline
+from dera_t5x.models.t5 import network
+from dera_t5x.training import sft
 
 LENGTH_TOLERANCE = 0.05  # of the retrained mean length
 SD_TOLERANCE = 2.0  # standard deviations across the retrained seeds
@@ -78,11 +91,14 @@ def _direction(gap: float, resolution: float = 0.0) -> str:
 
 
 def compare(dera: Sequence[dict[str, Any]], retrained: Sequence[dict[str, Any]], beta: float,
-            max_decode_len: int) -> list[dict[str, Any]]:
+            max_decode_len: int, sft_lengths: np.ndarray | None = None
+            ) -> list[dict[str, Any]]:
     """Per lambda: the length gap against its tolerance (the larger of 5% of the
     retrained length and 2 sd across the retrained seeds), the objective
-    difference in standard errors, and the gap the length toy predicts at this
-    beta (its stop probability fitted to the SFT model's mean length)."""
+    difference in standard errors, the gap the length toy predicts at this
+    beta (its stop probability fitted to the SFT model's mean length), and,
+    given samples of the SFT model's lengths, the exact optimum at
+    beta / lambda (`exact_length`, `exact_objective`, `exact_ess`)."""
     sft_length = dera[0]["mean_length"] if dera[0]["lambda"] == 0 else None
     rows = []
     for d, r in zip(dera, retrained):
@@ -110,6 +126,10 @@ def compare(dera: Sequence[dict[str, Any]], retrained: Sequence[dict[str, Any]],
             row.update(predicted_dera_length=toy_dera, predicted_exact_length=toy_exact,
                        predicted_relative_gap=(toy_dera - toy_exact) / toy_exact,
                        predicted_direction=_direction(toy_dera - toy_exact, TOY_RESOLUTION))
+        if sft_lengths is not None and lam > 0:
+            exact = evaluation.tilted_optimum(sft_lengths, beta / lam)
+            row.update(exact_length=exact["mean_length"], exact_objective=exact["objective"],
+                       exact_ess=exact["ess"])
         rows.append(row)
     return rows
 
@@ -166,9 +186,38 @@ def _chosen_lambda(reports: Sequence[dict[str, Any]]) -> tuple[float, list[float
             [report_["chosen_lambda"] for report_ in reports])
 
 
-def aggregate(out: pathlib.Path, seeds: Sequence[int], reports: Sequence[dict[str, Any]]
-              ) -> dict[str, Any]:
-    """The multi-seed results from the per-seed reports (same beta and lambdas)."""
+def sample_sft_lengths(out: pathlib.Path, *, model_config: network.T5Config, task_name: str,
+                feature_lengths: dict[str, int], split: str, num_samples: int,
+                max_decode_len: int, batch_size: int, sft_seed: int) -> np.ndarray:
+    """Lengths [inputs * num_samples] of temperature-1 samples of the shared SFT
+    model (`<out>/sft`, finished) on `split`, cached in
+    `<out>/sft_lengths_<split>.json` (keyed by the SFT stage and these settings)."""
+    sft_dir = out / "sft"
+    settings = {"stage": "sft_lengths",
+                "sft": json.loads((sft_dir / "stage.json").read_text())["stage_key"],
+                "split": split, "num_samples": num_samples, "max_decode_len": max_decode_len,
+                "batch_size": batch_size}
+
+    def compute() -> list[int]:
+        params = sft.train_sft(str(sft_dir), model_config=model_config, task_name=task_name,
+                               feature_lengths=feature_lengths, seed=sft_seed)
+        model = models.for_config(model_config)
+        inputs = np.repeat(pipeline.load_split(task_name, split, feature_lengths).features[
+            "encoder_input_tokens"], num_samples, axis=0)
+        batches = realign.sweep_batches(model, params, params, inputs, [0.0],
+                                        batch_size=batch_size, seed=sft_seed,
+                                        max_decode_len=max_decode_len, temperature=1.0)
+        return np.concatenate([evaluation.summary_lengths(decoded.tokens[0][rows], model.eos_ids)
+                               for _, rows, decoded in batches]).tolist()
+
+    return np.asarray(reproduce._cached_json(out / f"sft_lengths_{split}.json", settings,
+                                             compute))
+
+
+def aggregate(out: pathlib.Path, seeds: Sequence[int], reports: Sequence[dict[str, Any]],
+              sft_lengths: np.ndarray | None = None) -> dict[str, Any]:
+    """The multi-seed results from the per-seed reports (same beta and lambdas)
+    and, if given, the SFT model's sampled lengths (for the exact optimum)."""
     first = reports[0]
     for seed, report_ in zip(seeds, reports):
         if (report_["beta"], report_["lambdas"]) != (first["beta"], first["lambdas"]):
@@ -176,7 +225,7 @@ def aggregate(out: pathlib.Path, seeds: Sequence[int], reports: Sequence[dict[st
                              f"{report_['lambdas']}; seed {seeds[0]} at {first['beta']}, "
                              f"{first['lambdas']}. Rerun every seed with one setting.")
     dera, retrained = _seed_rows(reports, "dera"), _seed_rows(reports, "retrained")
-    comparison = compare(dera, retrained, first["beta"], first["max_decode_len"])
+    comparison = compare(dera, retrained, first["beta"], first["max_decode_len"], sft_lengths)
     chosen, per_seed_choice = _chosen_lambda(reports)
     timings: dict[str, float] = {}
     for report_ in reports:
@@ -186,6 +235,7 @@ def aggregate(out: pathlib.Path, seeds: Sequence[int], reports: Sequence[dict[st
         "pipeline": first["pipeline"], "reward": first["reward"], "beta": first["beta"],
         "lambdas": first["lambdas"], "seeds": list(seeds), "eval_split": first["eval_split"],
         "num_eval": first["num_eval"], "max_decode_len": first["max_decode_len"],
+        "num_sft_length_samples": 0 if sft_lengths is None else len(sft_lengths),
         "dera": dera, "retrained": retrained, "comparison": comparison,
         "targets": {
             "length_gaps_within_tolerance": all(row["within_tolerance"] for row in comparison),
@@ -198,14 +248,19 @@ def aggregate(out: pathlib.Path, seeds: Sequence[int], reports: Sequence[dict[st
 
 
 @gin.configurable
-def run_seeds(output_dir: str, *, seeds: Sequence[int] = (0, 1, 2), sft_seed: int = 0
-              ) -> dict[str, Any]:
+def run_seeds(output_dir: str, *, seeds: Sequence[int] = (0, 1, 2), sft_seed: int = 0,
+              model_config: network.T5Config = gin.REQUIRED, task_name: str = gin.REQUIRED,
+              feature_lengths: dict[str, int] = gin.REQUIRED, optimum_samples: int = 8,
+              batch_size: int = 50) -> dict[str, Any]:
     """Runs (or resumes) `reproduce.run` for every seed on one shared SFT model and
     writes the aggregate report.json, report.md and plots; returns report.json.
 
     Args:
       seeds: at least two distinct integers (standard deviations need two).
       sft_seed: the seed of the one SFT model.
+      model_config, task_name, feature_lengths: the pipeline's (`reproduce.run`'s).
+      optimum_samples: SFT samples per evaluation input for the exact optimum.
+      batch_size: the batch of those samples' decoding.
     """
     seeds = list(seeds)
     if (len(seeds) < 2 or len(set(seeds)) != len(seeds)
@@ -216,7 +271,12 @@ def run_seeds(output_dir: str, *, seeds: Sequence[int] = (0, 1, 2), sft_seed: in
     start = time.perf_counter()
     reports = [reproduce.run(str(out / f"seed_{seed}"), seed=seed, sft_seed=sft_seed,
                              sft_dir=str(out / "sft")) for seed in seeds]
-    results = aggregate(out, seeds, reports)
+    lengths = sample_sft_lengths(out, model_config=model_config, task_name=task_name,
+                                 feature_lengths=feature_lengths,
+                                 split=reports[0]["eval_split"], num_samples=optimum_samples,
+                                 max_decode_len=reports[0]["max_decode_len"],
+                                 batch_size=batch_size, sft_seed=sft_seed)
+    results = aggregate(out, seeds, reports, lengths)
     results["wall_time_this_run_s"] = time.perf_counter() - start
     return report.write_seed_report(out, results)
 

@@ -40,3 +40,18 @@ def test_the_toy_matched_to_a_measured_sft_length():
     assert 28.0 < exact < dera  # below lambda 1 DeRa overshoots the exact optimum
     with pytest.raises(ValueError, match="must lie in"):
         evaluation.fit_stop_probability(70.0, 64)
+
+
+def test_tilted_optimum_matches_the_toy_on_its_own_samples():
+    rng = np.random.default_rng(0)
+    p_stop, cap, beta = 0.1, 40, 12.0
+    # n >= 1 tokens, geometric, capped: the toy's SFT policy.
+    lengths = np.minimum(rng.geometric(p_stop, size=200_000), cap)
+    out = evaluation.tilted_optimum(lengths, beta)
+    assert out["mean_length"] == pytest.approx(evaluation.length_toy(p_stop, cap, beta, 1.0)[1],
+                                               rel=0.01)
+    # At beta -> inf the optimum is SFT itself, objective E[n].
+    far = evaluation.tilted_optimum(lengths, 1e9)
+    assert far["objective"] == pytest.approx(lengths.mean(), rel=1e-6)
+    assert far["ess"] == pytest.approx(len(lengths), rel=1e-6)
+    assert out["objective"] > lengths.mean() and out["ess"] < len(lengths)

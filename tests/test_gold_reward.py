@@ -1,6 +1,8 @@
-"""The gold faithfulness reward: hand-made cases on a hand-made vocabulary,
-its use under jit / vmap as the pipelines call it, and its agreement with the
-human labels of `factual_pairs`."""
+"""The gold faithfulness reward on hand-made cases (a hand-made vocabulary)
+and under jit / vmap as the pipelines call it; the proxy reward model on
+gold-labelled pairs; the gold / proxy pipeline with micro settings, which
+also checks the gold reward's agreement with the human labels of
+`factual_pairs`."""
 
 import functools
 import json
@@ -164,28 +166,6 @@ def test_bad_tables_are_refused():
         gold_reward.faithfulness_reward({"kind": np.zeros(3)})
 
 
-def test_human_agreement_on_the_held_out_factual_pairs():
-    from dera_t5x.data import pipeline  # noqa: PLC0415
-    tables = gold_reward.tables_for_task("factual_pairs")
-    reward = gold_reward.faithfulness_reward(tables)
-    for split in ("validation", "test"):
-        features = pipeline.load_split("factual_pairs", split,
-                                       {"inputs": 128, "targets": 64}).features
-        inputs = features["encoder_input_tokens"]
-        # Every input starts with the prefix the reward drops.
-        assert np.all(inputs[:, :len(tables["prefix"])] == tables["prefix"])
-        pairs = {"inputs": inputs, "chosen": features["chosen_decoder_target_tokens"],
-                 "rejected": features["rejected_decoder_target_tokens"]}
-        chosen, rejected = gold_reward.pair_scores(reward.apply, reward.params, pairs)
-        assert chosen.shape == rejected.shape == (len(inputs),)
-        assert np.all((chosen >= 0) & (chosen <= 1))
-        agreement = gold_reward.human_agreement(reward, pairs)
-        assert agreement >= 0.70, (split, agreement)
-        # Swapping the labels mirrors it (ties count one half).
-        swapped = dict(pairs, chosen=pairs["rejected"], rejected=pairs["chosen"])
-        assert gold_reward.human_agreement(reward, swapped) == pytest.approx(1 - agreement)
-
-
 # The proxy reward model: Bradley-Terry on gold-labelled pairs.
 DOC_WORDS = ["▁the", "▁cat", "▁sat", "▁on", "▁mat", "▁big", "▁red", "▁park", "▁ran", "▁near"]
 OTHER_WORDS = ["▁dog", "▁home", "▁today", "▁old", "▁it", "▁25"]
@@ -287,3 +267,73 @@ def test_soft_labels_and_bad_pairs(rm_model, tmp_path):
                                         model_params=model_params, feature_lengths={},
                                         pairs=dict(batch, rejected=batch["chosen"]))
     assert not (tmp_path / "refused").exists()
+
+
+# The gold / proxy pipeline with micro settings.
+GOLD_MICRO = [
+    "network.T5Config.emb_dim = 32", "network.T5Config.num_heads = 2",
+    "network.T5Config.head_dim = 16", "network.T5Config.mlp_dim = 64",
+    "network.T5Config.num_encoder_layers = 1", "network.T5Config.num_decoder_layers = 1",
+    "TASK_FEATURE_LENGTHS = {'inputs': 32, 'targets': 12}",
+    "sft.train_sft.num_steps = 20", "sft.train_sft.batch_size = 8",
+    "sft.train_sft.eval_split = None", "reproduce.run.num_eval_samples = 1",
+    "reward_model.train_proxy.max_prompts = 24", "reward_model.train_proxy.pairs_per_prompt = 2",
+    "reward_model.train_proxy.held_out_fraction = 0.25",
+    "reward_model.train_reward_model.num_steps = 4",
+    "reward_model.train_reward_model.checkpoint_every = 4",
+    "reward_model.train_reward_model.batch_size = 8",
+    "rl.train_rl.num_steps = 2", "rl.train_rl.batch_size = 8",
+    "reproduce.run.lambdas = (0.0, 1.0)", "reproduce.run.max_decode_len = 12",
+    "rl.RLConfig.max_decode_len = 12", "reproduce.run.max_eval_examples = 8",
+    "reproduce.run.eval_batch_size = 16",
+]
+
+
+@pytest.mark.slow
+def test_micro_gold_proxy_pipeline_reports_gold_and_proxy(tmp_path):
+    import gin  # noqa: PLC0415
+    from dera_t5x import gin_utils  # noqa: PLC0415
+    from dera_t5x import reproduce  # noqa: PLC0415
+    from dera_t5x.training import preference_pairs  # noqa: PLC0415
+    from dera_t5x.training import reward_model  # noqa: PLC0415
+
+    gin.clear_config()
+    try:
+        gin_utils.parse(["gin/reproduce/gold_proxy_tiny.gin"], GOLD_MICRO)
+        content = reproduce.run(str(tmp_path))
+        # The gold reward the pipeline built, with the pipeline's gin settings.
+        gold = gold_reward.faithfulness_reward(gold_reward.tables_for_task("xsum_bundled", 4096))
+    finally:
+        gin.clear_config()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report == json.loads(json.dumps(content))
+    assert report["reward"] == "reward_model"
+    # The proxy trained on pairs of SFT samples labelled by the gold reward.
+    header, pairs = preference_pairs.read(tmp_path / "proxy_reward_model" / "pairs.jsonl")
+    assert header["settings"]["reward"] == "gold" and len(pairs["inputs"]) <= 48
+    chosen, rejected = gold_reward.pair_scores(gold.apply, gold.params, pairs)
+    np.testing.assert_allclose(chosen, pairs["chosen_reward"], atol=1e-6)
+    np.testing.assert_allclose(rejected, pairs["rejected_reward"], atol=1e-6)
+    assert 0.0 <= report["proxy_gold_agreement"] <= 1.0
+    assert 0.0 <= report["proxy_human_accuracy"] <= 1.0
+    # The gold reward agrees with the human labels of the held-out factual pairs
+    # (computed here on the inputs the prefix of which it drops).
+    assert set(report["gold_human_agreement"]) == {"validation", "test"}
+    for split, agreement in report["gold_human_agreement"].items():
+        assert agreement >= 0.70, (split, agreement)
+        inputs = reward_model.preference_arrays("factual_pairs", split,
+                                                reward_model.HUMAN_PAIR_LENGTHS)["inputs"]
+        assert np.all(inputs[:, :len(gold.params["prefix"])] == gold.params["prefix"])
+    for key in ("dera", "retrained"):
+        assert [row["lambda"] for row in report[key]] == [0.0, 1.0]
+        for row in report[key]:
+            assert 0.0 <= row["gold_reward"] <= 1.0 and np.isfinite(row["proxy_reward"])
+            assert row["proxy_reward"] == row["mean_reward"]
+            assert np.isfinite(row["kl"]) and row["mean_length"] > 0
+            assert set(row["rewards"]) == {"reward_model", "gold", "gold_support"}
+        assert report["gold_proxy_part_at"][key] in (None, 0.0)
+    # lambda is chosen by the gold reward among the eligible rows.
+    table = report["selection"]["validation"]
+    eligible = [row for row in table if row["eligible"]] or table
+    assert report["chosen_lambda"] == max(eligible, key=lambda row: row["gold"])["lambda"]
+    assert "gold" in report["selection"]["objective"]

@@ -140,7 +140,8 @@ def test_micro_two_seed_run_shares_sft_and_writes_seed_statistics(tmp_path):
                         "rl.train_rl.num_steps = 4", "rl.train_rl.batch_size = 4",
                         "rl.train_rl.num_steps_reference_beta = 1.0",
                         "rl.train_rl.max_num_steps = 8", "rl.train_rl.checkpoint_every = 8",
-                        "reproduce.run.max_eval_examples = 8"]
+                        "reproduce.run.max_eval_examples = 8",
+                        "seeds.run_seeds.optimum_samples = 1"]
     gin.clear_config()
     try:
         gin_utils.parse(["gin/reproduce/length_reward_seeds.gin"], bindings)
@@ -175,6 +176,11 @@ def test_micro_two_seed_run_shares_sft_and_writes_seed_statistics(tmp_path):
                                                        report["beta"], 2.0)
     assert report["comparison"][2]["predicted_exact_length"] == pytest.approx(toy_exact)
     assert report["comparison"][2]["predicted_dera_length"] == pytest.approx(toy_dera)
+    # The exact optimum at beta / lambda from the SFT model's cached samples.
+    lengths = json.loads((tmp_path / "sft_lengths_validation.json").read_text())["value"]
+    assert len(lengths) == report["num_sft_length_samples"] == 100
+    assert report["comparison"][2]["exact_length"] == pytest.approx(
+        evaluation.tilted_optimum(np.array(lengths), report["beta"] / 2.0)["mean_length"])
     # The retrained model at beta 0.5 trained twice the base model's steps.
     convergence = {row["lambda"]: row for row in report["convergence"]}
     assert [run["steps"] for run in convergence[1.0]["runs"]] == [4, 4]

@@ -36,15 +36,17 @@ def _first_token_distribution(model, params):
     return jax.nn.softmax(models.exclude_padding(logits))
 
 
-@pytest.mark.parametrize("beta, policy_loss, normalize", [
-    (0.5, "reinforce", False), (2.0, "reinforce", False), (1.0, "ppo", False),
-    (0.5, "reinforce", True)])
-def test_one_step_rl_converges_to_the_kl_regularized_optimum(beta, policy_loss, normalize):
-    """Normalized advantages (a batch baseline and scale) keep the optimum."""
+@pytest.mark.parametrize("beta, policy_loss, normalize, kl_estimator", [
+    (0.5, "reinforce", False, "k1"), (2.0, "reinforce", False, "k1"), (1.0, "ppo", False, "k1"),
+    (0.5, "reinforce", True, "full")])
+def test_one_step_rl_converges_to_the_kl_regularized_optimum(beta, policy_loss, normalize,
+                                                              kl_estimator):
+    """Normalized advantages (a batch baseline and scale) and the exact
+    per-token KL with its direct loss term keep the optimum."""
     model = models.EncoderDecoderModel(CONFIG)
     ref = model.init(jax.random.PRNGKey(0))
     config = rl.RLConfig(beta=beta, max_decode_len=1, policy_loss=policy_loss, ppo_epochs=2,
-                         normalize_advantages=normalize)
+                         normalize_advantages=normalize, kl_estimator=kl_estimator)
     optimizer = rl.make_optimizer(policy_learning_rate=3e-3, value_learning_rate=1e-2)
     reward = _table_reward()
     steps = rl.make_step_functions(model, config, optimizer, reward)

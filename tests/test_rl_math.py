@@ -167,3 +167,14 @@ def test_steps_for_beta_scales_below_the_reference_and_caps():
     assert rl.steps_for_beta(80, 4.0, 8.0, 200) == 160
     assert rl.steps_for_beta(80, 3.0, 8.0, None) == 214
     assert rl.steps_for_beta(80, 2.0, 8.0, 200) == 200
+
+
+def test_the_policy_learning_rate_scales_down_above_the_reference_beta():
+    assert rl.policy_learning_rate_scale(32.0, 8.0) == 0.25
+    assert rl.policy_learning_rate_scale(4.0, 8.0) == 1.0
+    assert rl.policy_learning_rate_scale(32.0, None) == 1.0
+    params = {"policy": {"w": jnp.ones(2)}, "value_head": {"b": jnp.ones(())}}
+    optimizer = rl.scale_policy_updates(optax.adam(1e-2), 0.25)
+    updates, _ = optimizer.update(params, optimizer.init(params), params)
+    np.testing.assert_allclose(updates["policy"]["w"], -0.25e-2, rtol=1e-4)
+    np.testing.assert_allclose(updates["value_head"]["b"], -1e-2, rtol=1e-4)

@@ -63,5 +63,6 @@ def test_objective_plateau_tells_a_rising_run_from_a_flat_one(tmp_path):
 def test_bad_seeds_are_refused_before_anything_runs(tmp_path):
     for bad in ((0,), (1, 1), (0, -1)):
         with pytest.raises(ValueError, match="at least two distinct integers"):
-            seeds.run_seeds(str(tmp_path), seeds=bad)
+            seeds.run_seeds(str(tmp_path), seeds=bad, model_config=None,
+                            task_name="xsum_bundled", feature_lengths={})
     assert not any(tmp_path.iterdir())

@@ -6,11 +6,14 @@ The reward model is any model of the protocol with a scalar head
 response's last token gives the score. Trained with
 -log sigmoid(r(chosen) - r(rejected)). Parameters: {'model': the model's
 params (from an SFT or pre-trained checkpoint), 'head': the scalar head}.
+It trains on a preference task or on pairs (`check_pairs`); `train_proxy`
+trains a proxy on samples labelled by a computable (gold) reward.
 """
 
 from __future__ import annotations
 
 import functools
+import pathlib
 from typing import Any, Mapping, Sequence
 
 import gin
@@ -23,12 +26,15 @@ from dera_t5x import integrity
 from dera_t5x import models
 from dera_t5x import partitioning
 from dera_t5x.models import protocol
+from dera_t5x.training import preference_pairs
 from dera_t5x.training import rewards
 from dera_t5x.training import scalar_head
 from dera_t5x.training import trainer
 
 Array = jax.Array
 Params = Any
+# Lengths that cut nothing of the human-labelled factual_pairs (either vocabulary).
+HUMAN_PAIR_LENGTHS = {"inputs": 128, "targets": 64}
 
 
 def init_params(model_params: Params, hidden_size: int) -> Params:
@@ -139,8 +145,9 @@ def by_reward(pairs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             "rejected": np.where(swap[:, None], pairs["chosen"], pairs["rejected"])[keep]}
 
 
-def _preference_arrays(task_name: str, split: str, feature_lengths: dict[str, int]
-                       ) -> dict[str, np.ndarray]:
+def preference_arrays(task_name: str, split: str, feature_lengths: dict[str, int]
+                      ) -> dict[str, np.ndarray]:
+    """A preference task's split as pairs: `inputs`, `chosen`, `rejected` (reads seqio)."""
     from dera_t5x.data import pipeline  # noqa: PLC0415  (TensorFlow: the driver only)
     features = pipeline.load_split(task_name, split, feature_lengths).features
     if "chosen_decoder_target_tokens" not in features:
@@ -203,8 +210,8 @@ def train_reward_model(model_dir: str, *, model: models.Model, model_params: Par
                 "feature_lengths": feature_lengths, "batch_size": batch_size, "seed": seed,
                 "init": integrity.params_fingerprint(model_params)}
     if pairs is None:
-        train = _preference_arrays(task_name, "train", feature_lengths)
-        eval_sets = {"accuracy": _preference_arrays(task_name, eval_split, feature_lengths)}
+        train = preference_arrays(task_name, "train", feature_lengths)
+        eval_sets = {"accuracy": preference_arrays(task_name, eval_split, feature_lengths)}
     else:
         train = {key: np.asarray(value) for key, value in pairs.items()
                  if key in ("inputs", "chosen", "rejected", "preference")}
@@ -224,3 +231,40 @@ def train_reward_model(model_dir: str, *, model: models.Model, model_params: Par
                             for name, arrays in eval_sets.items()}) if eval_sets else None,
         description="reward model", partitioner=partitioner, settings=settings)
     return state.params
+
+
+@gin.configurable(denylist=["model_dir", "model", "params_ref", "reward"])
+def train_proxy(model_dir: str, *, model: models.Model, params_ref: Params,
+                reward: rewards.Reward, task_name: str, feature_lengths: dict[str, int],
+                max_decode_len: int, seed: int, tau: float = gin.REQUIRED,
+                flip_rate: float = 0.0, pairs_per_prompt: int = 1,
+                held_out_fraction: float = 0.1, max_prompts: int | None = None,
+                human_task: str | None = None, mesh_shape: Sequence[int] | None = None
+                ) -> Params:
+    """A proxy reward model: Bradley-Terry on pairs of the reference model's
+    samples labelled by `reward` (the gold reward), as Gao et al. 2022.
+
+    The pairs (`preference_pairs.build` on the task's train prompts, labels
+    drawn at `tau`, flipped with `flip_rate`) are cached in
+    `<model_dir>/pairs.jsonl`; a `held_out_fraction` of the prompts is held
+    out. Training pairs that `reward` ties carry no preference of it and are
+    dropped. Metrics: `eval/gold_agreement` (accuracy on the held-out pairs
+    ordered by `reward`, ties dropped: agreement with it) and, with a
+    `human_task` (e.g. 'factual_pairs'), `eval/human_accuracy` on its test split
+    (read at `HUMAN_PAIR_LENGTHS`).
+    """
+    from dera_t5x import aligners  # noqa: PLC0415  (TensorFlow: the drivers only)
+    pairs = aligners.build_pairs(
+        pathlib.Path(model_dir) / "pairs.jsonl", model=model, params_ref=params_ref,
+        reward=reward, task_name=task_name, feature_lengths=feature_lengths,
+        max_decode_len=max_decode_len, seed=seed, tau=tau, labels="sampled",
+        flip_rate=flip_rate, max_prompts=max_prompts, pairs_per_prompt=pairs_per_prompt)
+    train, held_out = preference_pairs.split(pairs, held_out_fraction, seed)
+    untied = train["chosen_reward"] != train["rejected_reward"]
+    eval_pairs = {"gold_agreement": by_reward(held_out)}
+    if human_task is not None:
+        eval_pairs["human_accuracy"] = preference_arrays(human_task, "test", HUMAN_PAIR_LENGTHS)
+    return train_reward_model(model_dir, model=model, model_params=params_ref,
+                              feature_lengths=feature_lengths, seed=seed, mesh_shape=mesh_shape,
+                              pairs={k: v[untied] for k, v in train.items()},
+                              eval_pairs=eval_pairs)

@@ -44,10 +44,14 @@ token adds -c * length to the return, a length penalty that moves the
 optimum.
 
 Each step logs `objective`, the batch mean of r(x, y) - beta * KL (the
-quantity RL maximizes), whose plateau is the convergence check. Small betas
-need longer runs (the optimum is farther from the reference):
+quantity RL maximizes), whose plateau is the convergence check. The optimum
+at a small beta lies far from the reference and takes longer to reach:
 `train_rl(num_steps_reference_beta=...)` scales the number of steps with
-1 / beta below that beta, up to `max_num_steps`.
+1 / beta below that beta, up to `max_num_steps`. At a large beta it lies
+close, and Adam's steps of about one learning rate in every coordinate,
+signal or noise, spend KL on drift that costs beta per nat:
+`train_rl(learning_rate_reference_beta=...)` scales the policy's learning
+rate by that beta / beta above it.
 """
 
 from __future__ import annotations
@@ -467,6 +471,21 @@ def steps_for_beta(num_steps: int, beta: float, reference_beta: float | None,
     return steps if max_num_steps is None else min(steps, max_num_steps)
 
 
+def policy_learning_rate_scale(beta: float, reference_beta: float | None) -> float:
+    """reference_beta / beta above reference_beta, else 1 (also when it is None)."""
+    return 1.0 if reference_beta is None or beta <= reference_beta else reference_beta / beta
+
+
+def scale_policy_updates(optimizer: optax.GradientTransformation, scale: float
+                         ) -> optax.GradientTransformation:
+    """`optimizer` with the policy's updates (not the value head's) times `scale`
+    (for Adam: its learning rate times scale)."""
+    if scale == 1.0:
+        return optimizer
+    return optax.chain(optimizer, optax.masked(optax.scale(scale),
+                                               lambda params: {k: k == "policy" for k in params}))
+
+
 @gin.configurable(denylist=["model_dir", "model", "params_ref", "reward"])
 def train_rl(model_dir: str, *, model: models.Model, params_ref: Params,
              reward: rewards.Reward, task_name: str = gin.REQUIRED,
@@ -475,13 +494,18 @@ def train_rl(model_dir: str, *, model: models.Model, params_ref: Params,
              optimizer: optax.GradientTransformation | None = None, seed: int = 0,
              checkpoint_every: int = 50, mesh_shape: Sequence[int] | None = None,
              num_steps_reference_beta: float | None = None,
-             max_num_steps: int | None = None) -> Params:
+             max_num_steps: int | None = None,
+             learning_rate_reference_beta: float | None = None) -> Params:
     """RL from `params_ref` (the frozen SFT model) at KL strength `config.beta`.
 
     Runs `num_steps` steps, or with `num_steps_reference_beta` set and
     config.beta below it, num_steps * num_steps_reference_beta / config.beta
     steps, at most `max_num_steps` (`steps_for_beta`): the optimum at a small
-    beta lies farther from the reference and takes longer to reach.
+    beta lies farther from the reference and takes longer to reach. With
+    `learning_rate_reference_beta` set and config.beta above it, the policy's
+    learning rate is scaled by learning_rate_reference_beta / config.beta
+    (`policy_learning_rate_scale`): the optimum is closer and the drift of
+    a full-size step costs more.
 
     Prompts are the task's train-split inputs; each RL step is `rl_step`. A
     model_dir holding the final step returns its policy at once (resume and
@@ -503,11 +527,12 @@ def train_rl(model_dir: str, *, model: models.Model, params_ref: Params,
                                       or max_num_steps < num_steps):
         raise ValueError(f"rl.train_rl.max_num_steps must be an integer >= num_steps "
                          f"({num_steps}) or None (no cap), got {max_num_steps!r}.")
-    if num_steps_reference_beta is not None and not (
-            isinstance(num_steps_reference_beta, (int, float))
-            and math.isfinite(num_steps_reference_beta) and num_steps_reference_beta > 0):
-        raise ValueError(f"rl.train_rl.num_steps_reference_beta must be a finite number > 0 "
-                         f"or None (no scaling), got {num_steps_reference_beta!r}.")
+    for name, value in (("num_steps_reference_beta", num_steps_reference_beta),
+                        ("learning_rate_reference_beta", learning_rate_reference_beta)):
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
+                                      and value > 0):
+            raise ValueError(f"rl.train_rl.{name} must be a finite number > 0 or None (no "
+                             f"scaling), got {value!r}.")
     if max_decode_len is not None and (not isinstance(max_decode_len, int)
                                        or max_decode_len < 1):
         raise ValueError(f"rl.train_rl.max_decode_len must be an integer >= 1 or None (then "
@@ -527,7 +552,9 @@ def train_rl(model_dir: str, *, model: models.Model, params_ref: Params,
         partitioner.check_batch_size(batch_size)
         params_ref = partitioner.shard_params(params_ref)
         reward_params = partitioner.shard_params(reward_params)
-    optimizer = optimizer if optimizer is not None else make_optimizer()
+    optimizer = scale_policy_updates(
+        optimizer if optimizer is not None else make_optimizer(),
+        policy_learning_rate_scale(config.beta, learning_rate_reference_beta))
     steps = make_step_functions(model, config, optimizer, reward)
     from dera_t5x.data import pipeline  # noqa: PLC0415  (TensorFlow: the driver only)
     prompts = pipeline.load_split(task_name, "train", feature_lengths).features[

@@ -353,9 +353,10 @@ class ChangedSettingsError(ValueError):
 RESUMABLE_CHANGES = frozenset({"num_steps", "mesh_shape", "checkpoint_every", "keep_checkpoints",
                                "eval_every", "eval_batch_size", "rouge_batches", "eval_split",
                                "allow_changed_settings"})
-# Configurables that are not a training run's settings: the pipeline keys its
-# own stages (`reproduce`), placement (`partitioning`), the decode job.
-_NOT_RUN_SETTINGS = ("dera_t5x.reproduce.", "dera_t5x.partitioning.", "dera_t5x.decode_job.")
+# Configurables that are not a training run's settings: the pipelines key their
+# own stages (`reproduce`, `seeds`), placement (`partitioning`), the decode job.
+_NOT_RUN_SETTINGS = ("dera_t5x.reproduce.", "dera_t5x.seeds.", "dera_t5x.partitioning.",
+                     "dera_t5x.decode_job.")
 _SETTINGS_FILE = "run_settings.json"
 _START_MARK = "# ---- dera-t5x start"
 
