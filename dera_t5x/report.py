@@ -289,9 +289,9 @@ def _seed_markdown(results: dict[str, Any]) -> str:
             f"{100 * c['predicted_relative_gap']:+.1f}% ({c['predicted_direction']}) | "
             f"{'yes' if agree else 'no'} |")
     lines += ["", "## Convergence of the RL runs", "",
-              "`train/objective` (r - beta KL of the training batch) over the last quarter of "
-              "the logged steps against the quarter before; a plateau is a change of at most "
-              "2 se.", "",
+              "The training objective (r - beta KL of each step's batch), its mean over the "
+              "last quarter of a run's steps against the quarter before (`train/objective_mean` "
+              "of the log lines); a plateau is a change of at most 2 se.", "",
               "| lambda | beta | steps | final objective per seed | change per seed (se) | "
               "all plateaued |", "| --- | --- | --- | --- | --- | --- |"]
     for row in results["convergence"]:
@@ -312,10 +312,12 @@ def _seed_markdown(results: dict[str, Any]) -> str:
               f"Chosen lambda (the pipeline's rule on the seed means): "
               f"**{results['chosen_lambda']:g}**; per seed: "
               f"{', '.join(f'{lam:g}' for lam in results['chosen_lambda_per_seed'])}.", "",
-              f"Wall time of this run: {results['wall_time_this_run_s'] / 60:.1f} min; per stage "
-              "(s, summed over seeds): " + ", ".join(
+              f"Wall time of this run: {results['wall_time_this_run_s'] / 60:.1f} min. Seconds "
+              "per stage, summed over seeds, in this run: " + ", ".join(
                   f"{name} {seconds:.0f}" for name, seconds in
-                  results["timings_this_run_s"].items()) + ".", "",
+                  results["timings_this_run_s"].items()) + "; over every run of this folder: "
+              + ", ".join(f"{name} {seconds:.0f}" for name, seconds in
+                          results["timings_s"].items()) + ".", "",
               "Plots: `length_vs_lambda.png` (sd across seeds), `objective_vs_lambda.png` "
               "(2 se); each seed's own report is in `seed_<s>/`.", ""]
     return "\n".join(lines)

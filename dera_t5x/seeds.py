@@ -135,22 +135,36 @@ def compare(dera: Sequence[dict[str, Any]], retrained: Sequence[dict[str, Any]],
 
 
 def objective_plateau(model_dir: str | pathlib.Path, window: float = 0.25) -> dict[str, Any]:
-    """Whether an RL run's logged objective (`train/objective`, r - beta * KL of
-    each logged step's batch) stopped rising: the mean of its last `window`
-    of logged steps against the `window` before, in standard errors."""
+    """Whether an RL run's objective (r - beta * KL of each step's batch) stopped
+    rising: its mean over the last `window` of the run against the `window`
+    before, in standard errors of the per-step values.
+
+    Reads the log lines' `train/objective_mean`, `_sd` and `_steps` (each the
+    statistics of the last LOG_EVERY steps, `rl.train_rl`): a window is a
+    `window` fraction of the lines, at least 2.
+    """
     path = pathlib.Path(model_dir) / "metrics.jsonl"
-    trace = [(line["step"], line["train/objective"])
-             for line in map(json.loads, path.read_text().splitlines())
-             if "train/objective" in line]
-    n = max(2, int(len(trace) * window))
-    if len(trace) < 2 * n:
-        return {"steps": trace[-1][0] if trace else 0, "logged": len(trace), "plateau": None}
-    last = np.array([v for _, v in trace[-n:]])
-    before = np.array([v for _, v in trace[-2 * n:-n]])
-    change = float(last.mean() - before.mean())
-    se = float(math.sqrt(last.var(ddof=1) / n + before.var(ddof=1) / n))
-    return {"steps": trace[-1][0], "logged": len(trace), "final_objective": float(last.mean()),
-            "change": change, "change_se": se, "plateau": change <= 2.0 * se}
+    lines = [line for line in map(json.loads, path.read_text().splitlines())
+             if "train/objective_mean" in line]
+    n = max(2, int(len(lines) * window))
+    if len(lines) < 2 * n:
+        return {"steps": lines[-1]["step"] if lines else 0, "logged": len(lines),
+                "plateau": None}
+
+    def mean_and_se(chunk):
+        counts = np.array([line["train/objective_steps"] for line in chunk])
+        means = np.array([line["train/objective_mean"] for line in chunk])
+        sds = np.array([line["train/objective_sd"] for line in chunk])
+        mean = float(np.sum(counts * means) / np.sum(counts))
+        var = (np.sum((counts - 1) * sds ** 2 + counts * (means - mean) ** 2)
+               / max(np.sum(counts) - 1, 1))
+        return mean, math.sqrt(var / np.sum(counts))
+
+    last, last_se = mean_and_se(lines[-n:])
+    before, before_se = mean_and_se(lines[-2 * n:-n])
+    se = math.hypot(last_se, before_se)
+    return {"steps": lines[-1]["step"], "logged": len(lines), "final_objective": last,
+            "change": last - before, "change_se": se, "plateau": last - before <= 2.0 * se}
 
 
 def _convergence(out: pathlib.Path, seeds: Sequence[int], reports: Sequence[dict[str, Any]]
@@ -227,10 +241,11 @@ def aggregate(out: pathlib.Path, seeds: Sequence[int], reports: Sequence[dict[st
     dera, retrained = _seed_rows(reports, "dera"), _seed_rows(reports, "retrained")
     comparison = compare(dera, retrained, first["beta"], first["max_decode_len"], sft_lengths)
     chosen, per_seed_choice = _chosen_lambda(reports)
-    timings: dict[str, float] = {}
-    for report_ in reports:
-        for name, seconds in report_["timings_this_run_s"].items():
-            timings[name] = timings.get(name, 0.0) + seconds
+    timings: dict[str, dict[str, float]] = {"timings_s": {}, "timings_this_run_s": {}}
+    for key, totals in timings.items():
+        for report_ in reports:
+            for name, seconds in report_[key].items():
+                totals[name] = totals.get(name, 0.0) + seconds
     return {
         "pipeline": first["pipeline"], "reward": first["reward"], "beta": first["beta"],
         "lambdas": first["lambdas"], "seeds": list(seeds), "eval_split": first["eval_split"],
@@ -243,7 +258,7 @@ def aggregate(out: pathlib.Path, seeds: Sequence[int], reports: Sequence[dict[st
                                                          for row in comparison)},
         "convergence": _convergence(out, seeds, reports),
         "chosen_lambda": chosen, "chosen_lambda_per_seed": per_seed_choice,
-        "timings_this_run_s": timings,
+        **timings,
     }
 
 

@@ -45,18 +45,21 @@ def test_compare_picks_the_larger_tolerance_and_flags_a_low_objective():
 
 
 def test_objective_plateau_tells_a_rising_run_from_a_flat_one(tmp_path):
-    def write(name, values):
+    def write(name, means):
         folder = tmp_path / name
         folder.mkdir()
-        (folder / "metrics.jsonl").write_text("\n".join(
-            json.dumps({"step": 10 * (i + 1), "train/objective": v}) for i, v in enumerate(values)))
+        (folder / "metrics.jsonl").write_text("\n".join(json.dumps(
+            {"step": 10 * (i + 1), "train/objective_mean": m, "train/objective_sd": 3.0,
+             "train/objective_steps": 10.0}) for i, m in enumerate(means)))
         return seeds.objective_plateau(folder)
 
-    noise = [0.5, -0.5, 0.3, -0.3, 0.1, -0.1, 0.4, -0.4]
-    flat = write("flat", [40.0 + noise[i % 8] for i in range(16)])
-    rising = write("rising", [20.0 + i + noise[i % 8] for i in range(16)])
+    # Per-step sd 3 over 10-step chunks: a window of 4 chunks has se 3 / sqrt(40).
+    flat = write("flat", [40.0, 40.3, 39.8, 40.1] * 4)
+    rising = write("rising", [20.0 + i for i in range(16)])
     assert flat["plateau"] and flat["steps"] == 160 and flat["logged"] == 16
-    assert not rising["plateau"] and rising["change"] > 2 * rising["change_se"]
+    assert flat["final_objective"] == pytest.approx(40.05)
+    assert not rising["plateau"] and rising["change"] == pytest.approx(4.0)
+    assert rising["change_se"] > 3.0 * (2 / 40) ** 0.5  # chunk means spread adds to it
     assert write("short", [1.0, 2.0, 3.0])["plateau"] is None
 
 

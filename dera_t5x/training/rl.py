@@ -44,7 +44,10 @@ token adds -c * length to the return, a length penalty that moves the
 optimum.
 
 Each step logs `objective`, the batch mean of r(x, y) - beta * KL (the
-quantity RL maximizes), whose plateau is the convergence check. The optimum
+quantity RL maximizes), and `train_rl` logs its mean, sd and count over the
+last `trainer.LOG_EVERY` steps (`objective_mean`, ...; a log line every that
+many steps), whose plateau is the convergence check
+(`dera_t5x.seeds.objective_plateau`). The optimum
 at a small beta lies far from the reference and takes longer to reach:
 `train_rl(num_steps_reference_beta=...)` scales the number of steps with
 1 / beta below that beta, up to `max_num_steps`. At a large beta it lies
@@ -56,6 +59,7 @@ rate by that beta / beta above it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -65,6 +69,7 @@ from absl import logging
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dera_t5x import batching
@@ -560,6 +565,9 @@ def train_rl(model_dir: str, *, model: models.Model, params_ref: Params,
     prompts = pipeline.load_split(task_name, "train", feature_lengths).features[
         "encoder_input_tokens"]
     params = init_params(jax.tree_util.tree_map(jnp.copy, params_ref), model.hidden_size)
+    # The objective of the last LOG_EVERY steps (fewer after a start): each
+    # logged line holds their mean and sd, the convergence check's data.
+    recent = collections.deque(maxlen=trainer.LOG_EVERY)
 
     def step(state: trainer.TrainState, batch) -> tuple[trainer.TrainState, dict]:
         rng, rollout_rng = jax.random.split(state.rng)
@@ -571,6 +579,11 @@ def train_rl(model_dir: str, *, model: models.Model, params_ref: Params,
             logging.warning("RL step %d: non-finite reward, batch skipped (%d so far).",
                             int(state.step) + 1, int(skipped))
             metrics = {"loss": 0.0}
+        else:
+            recent.append(metrics["objective"])
+            metrics["objective_mean"] = float(np.mean(recent))
+            metrics["objective_sd"] = float(np.std(recent, ddof=1)) if len(recent) > 1 else 0.0
+            metrics["objective_steps"] = float(len(recent))
         metrics["skipped_batches"] = float(skipped)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
                              skipped_batches=skipped), metrics
