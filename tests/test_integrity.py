@@ -482,10 +482,12 @@ def test_the_pipeline_cache_follows_the_settings(tmp_path):
     for name, seconds in first["timings_s"].items():
         assert second["timings_s"][name] == pytest.approx(
             seconds + second["timings_this_run_s"].get(name, 0.0))
-    # An RL setting changes: the RL stages are trained again, SFT is not.
+    # An RL setting changes: the RL stages, and the TrRa student distilled from the base
+    # RL model, are trained again; SFT is not.
     third = _pipeline(tmp_path, "reproduce.run.lambdas = (0.0, 1.0)",
                       "rl.make_optimizer.policy_learning_rate = 3e-3")
-    assert [p.name.split(".stale-")[0] for p in tmp_path.glob("*.stale-*")] == ["rl_beta_1"]
+    stale = sorted(p.name.split(".stale-")[0] for p in tmp_path.glob("*.stale-*"))
+    assert stale == ["distill_lambda_2", "rl_beta_1"]
     assert (tmp_path / "rl_beta_0.25").is_dir()  # not part of this run: left alone
     assert third["dera"][0] == second["dera"][0]  # lambda 0 is the (same) SFT model
     assert third["dera"][1] != second["dera"][1]  # the base model was trained again
