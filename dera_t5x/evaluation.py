@@ -9,7 +9,7 @@ All statistics are means over examples with their standard errors
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -108,6 +108,42 @@ def relative_gap(value: float, reference: float) -> float:
     if reference == 0:
         return 0.0 if value == 0 else float("inf")
     return abs(value - reference) / abs(reference)
+
+
+def gold_comparison(dera: Sequence[Mapping[str, Any]], retrained: Sequence[Mapping[str, Any]],
+                    share: float = 0.15, num_sem: float = 2.0) -> list[dict[str, Any]]:
+    """DeRa's gold reward against the retrained models', lambda by lambda.
+
+    Rows are report rows (`lambda`, `rewards`['gold'] = [mean, sem]); the
+    retrained row at lambda 0 is the SFT model. A lambda passes when
+    |DeRa - retrained| is at most `share` of the retrained model's gain over
+    SFT, or, where that gain is near zero (within `num_sem` standard errors
+    of the difference to SFT), at most `num_sem` standard errors of the
+    DeRa - retrained difference. Returns one dict per shared lambda: `lambda`,
+    `dera_gold`, `retrained_gold`, `gap`, `gain`, `tolerance`, `within`.
+    """
+    def gold(row):
+        return row["rewards"]["gold"]
+
+    by_lambda = {row["lambda"]: row for row in retrained}
+    if 0.0 not in by_lambda:
+        raise ValueError("The retrained rows need lambda 0 (the SFT model) to measure gains.")
+    sft_mean, sft_sem = gold(by_lambda[0.0])
+    rows = []
+    for row in sorted(dera, key=lambda r: r["lambda"]):
+        other = by_lambda.get(row["lambda"])
+        if other is None:
+            continue
+        (d_mean, d_sem), (r_mean, r_sem) = gold(row), gold(other)
+        gain = r_mean - sft_mean
+        near_zero = abs(gain) <= num_sem * np.hypot(r_sem, sft_sem)
+        tolerance = (num_sem * float(np.hypot(d_sem, r_sem)) if near_zero
+                     else share * abs(gain))
+        gap = abs(d_mean - r_mean)
+        rows.append({"lambda": row["lambda"], "dera_gold": d_mean, "retrained_gold": r_mean,
+                     "gap": gap, "gain": gain, "tolerance": tolerance,
+                     "near_zero_gain": bool(near_zero), "within": bool(gap <= tolerance)})
+    return rows
 
 
 def length_toy(p_stop: float, cap: int, beta: float, lam: float) -> tuple[float, float]:

@@ -3,7 +3,8 @@
 `write_report(output_dir, results)` takes the dictionary the pipeline
 assembled (see `dera_t5x.reproduce`) and writes everything a reader needs to
 judge DeRa against retraining: the comparison table with gaps, the lambda
-choice on validation data and its test result, and three plots.
+choice on validation data and its test result, and plots (a gold / proxy
+pipeline adds its gold and proxy rewards and their plot against sqrt(KL)).
 `write_seed_report` does the same for a run over seeds (`dera_t5x.seeds`).
 """
 
@@ -93,7 +94,11 @@ def _markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                      f"{_fmt(row['mean_reward'])} | {_fmt(row['kl'])} | {_fmt(row['rougeL'])} |")
     lines += _aligner_lines(results)
     lines += _distilled_lines(results)
-    lines += ["", "Plots: `length_vs_lambda.png`, `reward_vs_kl.png`, `examples.png`.", ""]
+    lines += _gold_lines(results)
+    plots = ["length_vs_lambda.png", "reward_vs_kl.png", "examples.png"]
+    if "gold_comparison_rows" in results:
+        plots.insert(2, "gold_proxy_vs_sqrt_kl.png")
+    lines += ["", "Plots: " + ", ".join(f"`{name}`" for name in plots) + ".", ""]
     return "\n".join(lines)
 
 
@@ -147,6 +152,79 @@ def _distilled_lines(results: dict[str, Any]) -> list[str]:
               f"call at batch {decode['batch_size']}: distilled {decode['student_s']:.3f} s, "
               f"DeRa {decode['dera_s']:.3f} s ({decode['student_over_dera']:.2f}x)."]
     return lines
+
+
+def _gold_lines(results: dict[str, Any]) -> list[str]:
+    """A gold / proxy pipeline: agreements, gold and proxy reward per lambda
+    for DeRa and the retrained models, the oracle, where gold and proxy part."""
+    if "gold_comparison_rows" not in results:
+        return []
+    human = results.get("gold_human_agreement", {})
+    lines = ["", "## Gold and proxy rewards", "",
+             "The gold reward agrees with the human labels on "
+             + ", ".join(f"{_fmt(v, 3)} of the {k} pairs" for k, v in human.items())
+             + f"; the proxy reward model agrees with gold on "
+             f"{_fmt(results['proxy_gold_agreement'], 3)} of held-out pairs of SFT samples "
+             f"and with the human labels on {_fmt(results.get('proxy_human_accuracy'), 3)} of "
+             "the human test pairs.", "",
+             "| lambda | DeRa gold | retrained gold | gap | tolerance | within | DeRa proxy | "
+             "retrained proxy | DeRa KL | retrained KL |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    dera = {row["lambda"]: row for row in results["dera"]}
+    retrained = {row["lambda"]: row for row in results["retrained"]}
+    for row in results["gold_comparison_rows"]:
+        lam = row["lambda"]
+        d, r = dera[lam], retrained[lam]
+        lines.append(
+            f"| {lam:g} | {d['gold_reward']:.4f} ({d['rewards']['gold'][1]:.4f}) | "
+            f"{r['gold_reward']:.4f} ({r['rewards']['gold'][1]:.4f}) | {row['gap']:.4f} | "
+            f"{row['tolerance']:.4f}{' (2 se)' if row['near_zero_gain'] else ''} | "
+            f"{'yes' if row['within'] else 'no'} | {d['proxy_reward']:.3f} | "
+            f"{r['proxy_reward']:.3f} | {_fmt(d['kl'])} | {_fmt(r['kl'])} |")
+    lines += ["", "Gold reward: mean (standard error). Tolerance: 15% of the retrained "
+              "model's gold gain over SFT, or 2 standard errors of the difference where "
+              "that gain is within 2 standard errors of zero."]
+    oracle = results.get("oracle")
+    if oracle:
+        sft = retrained[0.0]
+        lines += ["", f"Oracle RL on the gold reward itself at beta {oracle['beta']:g}: gold "
+                  f"{oracle['gold_reward']:.4f} ({oracle['rewards']['gold'][1]:.4f}) against "
+                  f"SFT's {sft['gold_reward']:.4f} ({sft['rewards']['gold'][1]:.4f}), KL "
+                  f"{oracle['kl']:.2f}, mean length {oracle['mean_length']:.1f}."]
+    lines.append("")
+    for key, lam in results["gold_proxy_part_at"].items():
+        lines.append(f"- {key}: " + (f"past lambda {lam:g} gold falls while the proxy still rises."
+                                   if lam is not None else
+                                   "gold and proxy never part (no lambda where gold falls "
+                                   "while the proxy rises)."))
+    return lines
+
+
+def _plot_gold_proxy(results: dict[str, Any], path: pathlib.Path) -> None:
+    """Gold and proxy reward against sqrt(KL to SFT): the over-optimization picture."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, name, label in zip(axes, ("gold", "reward_model"), ("gold reward", "proxy reward")):
+        for key, marker in (("dera", "o"), ("retrained", "s")):
+            rows = sorted(results[key], key=lambda row: row["lambda"])
+            x = [max(row["kl"], 0.0) ** 0.5 for row in rows]
+            y = [row["rewards"][name][0] for row in rows]
+            ax.errorbar(x, y, yerr=[row["rewards"][name][1] for row in rows], marker=marker,
+                        capsize=2, label="DeRa" if key == "dera" else "retrained")
+            for xi, yi, row in zip(x, y, rows):
+                ax.annotate(f"{row['lambda']:g}", (xi, yi), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+        oracle = results.get("oracle")
+        if oracle:
+            ax.errorbar([max(oracle["kl"], 0.0) ** 0.5], [oracle["rewards"][name][0]],
+                        yerr=[oracle["rewards"][name][1]], marker="*", markersize=10,
+                        linestyle="none", label="oracle RL on gold")
+        ax.set_xlabel("sqrt(KL to the SFT model)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle("gold and proxy reward vs sqrt(KL) (labels: lambda; bars: 1 sem)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _lambda_axis(ax: Any, lambdas: list[float]) -> None:
@@ -216,6 +294,8 @@ def write_report(output_dir: str | pathlib.Path, results: dict[str, Any]) -> dic
     _plot_length(results, output_dir / "length_vs_lambda.png")
     _plot_reward_kl(results, output_dir / "reward_vs_kl.png")
     _plot_examples(results, output_dir / "examples.png")
+    if "gold_comparison_rows" in results:
+        _plot_gold_proxy(results, output_dir / "gold_proxy_vs_sqrt_kl.png")
     return content
 
 

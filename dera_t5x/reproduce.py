@@ -16,7 +16,9 @@ the time spent in each stage over all runs of the folder (`timings_s` in the
 report; `timings_this_run_s` is this run's).
 
 1. SFT of the model on the task (`sft/`);
-2. for the learned-reward pipeline, a Bradley-Terry reward model (`reward_model/`);
+2. for the gold / proxy pipeline, a proxy Bradley-Terry reward model on
+   gold-labelled pairs of SFT samples (`proxy_reward_model/`) and an oracle RL
+   run on the gold reward itself (`oracle_rl_beta_<beta>/`, `oracle_<split>.json`);
 3. alignment from the SFT model at the base beta with the gin-chosen aligner
    (RL or DPO: `rl_beta_<beta>/`, `dpo_beta_<beta>/`);
 4. DeRa on the evaluation split for the whole lambda grid, one `dera_sweep`
@@ -72,10 +74,10 @@ from dera_t5x.training import sft
 from dera_t5x.training import trainer
 
 Params = Any
-# The pipelines' rewards: the length reward, a reward model trained on a
-# preference task, or the gold faithfulness reward with a proxy reward model
-# trained on gold-labelled pairs of SFT samples (RL aligns with the proxy).
-REWARD_KINDS = ("length", "reward_model", "gold_proxy")
+# The pipelines' rewards: the length reward, or the gold faithfulness reward
+# with a proxy reward model trained on gold-labelled pairs of SFT samples (RL
+# aligns with the proxy; an oracle RL run aligns with gold itself).
+REWARD_KINDS = ("length", "gold_proxy")
 
 
 # Parameters of the trainers that do not change what a stage computes
@@ -374,32 +376,25 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
             mesh_shape=mesh_shape))
         reward = reward_model.as_reward(model, rm_params)
         reward_settings = {"kind": "gold_proxy", "key": integrity.fingerprint(rm_settings)}
-    else:
-        rm_settings = {"stage": "reward_model", **common, "sft": sft_key,
-                       "gin": _gin_settings("reward_model.train_reward_model",
-                                            "trainer.make_optimizer", "trainer.make_schedule")}
-        rm_params = timed("reward_model", lambda: reward_model.train_reward_model(
-            _stage_dir(out / "reward_model", rm_settings), model=model, model_params=params_ref,
-            seed=seed, mesh_shape=mesh_shape))
-        reward = reward_model.as_reward(model, rm_params)
-        reward_settings = {"kind": "reward_model", "key": integrity.fingerprint(rm_settings)}
     def aligner_settings(chosen):
         return {"aligner": getattr(chosen, "__name__", repr(chosen)),
                 **_gin_settings("rl.train_rl", "rl.RLConfig", "rl.make_optimizer",
                                 "dpo.train_dpo", "aligners.dpo_aligner")}
 
-    def rl_settings(beta_value, chosen=aligner):
+    def rl_settings(beta_value, chosen=aligner, with_settings=None):
         return {"stage": "align", **common, "beta": beta_value, "max_decode_len": max_decode_len,
-                "sft": sft_key, "reward": reward_settings, "gin": aligner_settings(chosen)}
+                "sft": sft_key, "reward": with_settings or reward_settings,
+                "gin": aligner_settings(chosen)}
 
     def stage_name(beta_value, chosen=aligner):
         prefix = getattr(chosen, "__name__", "aligner").removesuffix("_aligner")
         return f"{prefix}_beta_{_fmt_beta(beta_value)}"
 
-    def align(beta_value, chosen=aligner):
-        return chosen(_stage_dir(out / stage_name(beta_value, chosen),
-                                 rl_settings(beta_value, chosen)),
-                      model=model, params_ref=params_ref, reward=reward, beta=beta_value,
+    def align(beta_value, chosen=aligner, with_reward=None, with_settings=None, prefix=""):
+        return chosen(_stage_dir(out / (prefix + stage_name(beta_value, chosen)),
+                                 rl_settings(beta_value, chosen, with_settings)),
+                      model=model, params_ref=params_ref, reward=with_reward or reward,
+                      beta=beta_value,
                       task_name=task_name, feature_lengths=feature_lengths,
                       max_decode_len=max_decode_len, seed=seed)
 
@@ -452,6 +447,19 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
                                    align(rl_beta_same_optimum, aligners.rl_aligner), [1.0])[0],
                 beta=rl_beta_same_optimum).to_json()))
 
+    oracle = None
+    if reward_kind == "gold_proxy":  # RL on the gold reward itself, at the base beta
+        gold_settings = {"kind": "gold",
+                         **_gin_settings("gold_reward.faithfulness_reward")}
+        oracle_key = integrity.fingerprint(rl_settings(beta, aligners.rl_aligner, gold_settings))
+        oracle = _cached_json(
+            out / f"oracle_{eval_split}.json",
+            {"stage": "oracle", **eval_settings, "sft": sft_key, "model": oracle_key},
+            lambda: timed("oracle_rl", lambda: dataclasses.replace(
+                evaluator.evaluate(eval_split, params_ref, align(
+                    beta, aligners.rl_aligner, named_rewards["gold"], gold_settings, "oracle_"),
+                    [1.0])[0], beta=beta).to_json()))
+
     selection_settings = {"stage": "selection", **eval_settings, "sft": sft_key,
                           "aligned": base_key, "dera": integrity.fingerprint(dera_settings),
                           "lambdas": lambdas, "rouge_margin": rouge_margin,
@@ -500,7 +508,8 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
     if distilled is not None:
         results["distilled"] = distilled
     if reward_kind == "gold_proxy":
-        results.update(_gold_proxy_results(results, rm_dir, named_rewards["gold"], human_task))
+        results.update(_gold_proxy_results(results, rm_dir, named_rewards["gold"], human_task,
+                                           oracle))
     return report.write_report(out, results)
 
 
@@ -545,15 +554,21 @@ def _select(evaluator: Evaluator, dera: list[dict[str, Any]], params_ref: Params
 
 
 def _gold_proxy_results(results: dict[str, Any], proxy_dir: str, gold: rewards.Reward,
-                        human_task: str | None) -> dict[str, Any]:
+                        human_task: str | None, oracle: dict[str, Any] | None
+                        ) -> dict[str, Any]:
     """A gold / proxy pipeline's report fields: the proxy's agreement with gold
     on held-out pairs and its accuracy on the human pairs, the gold reward's
     agreement with the human labels, every row's `gold_reward` and
-    `proxy_reward`, and per comparator the lambda past which gold falls while
-    the proxy still rises (`gold_proxy_part_at`; None if they never part)."""
+    `proxy_reward` (and the `oracle` RL model's), per comparator the lambda
+    past which gold falls while the proxy still rises (`gold_proxy_part_at`;
+    None if they never part), and DeRa's gold reward against the retrained
+    models' (`gold_comparison_rows`, `evaluation.gold_comparison`)."""
     proxy = _last_eval(proxy_dir)
     out = {"proxy_gold_agreement": proxy.get("eval/gold_agreement"),
            "proxy_human_accuracy": proxy.get("eval/human_accuracy"), "gold_proxy_part_at": {}}
+    if oracle is not None:
+        out["oracle"] = dict(oracle, gold_reward=oracle["rewards"]["gold"][0],
+                             proxy_reward=oracle["rewards"]["reward_model"][0])
     if human_task is not None:
         out["gold_human_agreement"] = {
             split: gold_reward.human_agreement(
@@ -568,6 +583,7 @@ def _gold_proxy_results(results: dict[str, Any], proxy_dir: str, gold: rewards.R
             (a["lambda"] for a, b in zip(rows, rows[1:])
              if b["gold_reward"] < a["gold_reward"] and b["proxy_reward"] > a["proxy_reward"]),
             None)
+    out["gold_comparison_rows"] = evaluation.gold_comparison(out["dera"], out["retrained"])
     return out
 
 

@@ -55,3 +55,24 @@ def test_tilted_optimum_matches_the_toy_on_its_own_samples():
     assert far["objective"] == pytest.approx(lengths.mean(), rel=1e-6)
     assert far["ess"] == pytest.approx(len(lengths), rel=1e-6)
     assert out["objective"] > lengths.mean() and out["ess"] < len(lengths)
+
+
+def test_gold_comparison_allows_a_share_of_the_gain_or_two_standard_errors_near_zero():
+    def row(lam, mean, sem):
+        return {"lambda": lam, "rewards": {"gold": [mean, sem]}}
+
+    retrained = [row(0.0, 0.30, 0.01), row(1.0, 0.50, 0.01), row(2.0, 0.31, 0.01),
+                 row(4.0, 0.60, 0.01)]
+    dera = [row(0.0, 0.30, 0.01), row(1.0, 0.50, 0.01), row(2.0, 0.33, 0.01),
+            row(4.0, 0.56, 0.01), row(8.0, 0.9, 0.01)]
+    rows = evaluation.gold_comparison(dera, retrained)
+    assert [r["lambda"] for r in rows] == [0.0, 1.0, 2.0, 4.0]  # lambda 8: nothing retrained
+    by = {r["lambda"]: r for r in rows}
+    # lambda 2: gain 0.01 is within 2 se of zero, so 2 se of the difference (0.028) applies.
+    assert by[2.0]["near_zero_gain"] and by[2.0]["tolerance"] == pytest.approx(0.02 * 2 ** 0.5)
+    assert by[2.0]["within"]
+    # lambda 4: gain 0.30, tolerance 15% of it (0.045); the gap 0.04 passes, 0.05 would not.
+    assert by[4.0]["tolerance"] == pytest.approx(0.045) and by[4.0]["within"]
+    assert not evaluation.gold_comparison([row(4.0, 0.65, 0.01)], retrained)[0]["within"]
+    with pytest.raises(ValueError, match="lambda 0"):
+        evaluation.gold_comparison(dera, retrained[1:])

@@ -337,3 +337,16 @@ def test_micro_gold_proxy_pipeline_reports_gold_and_proxy(tmp_path):
     eligible = [row for row in table if row["eligible"]] or table
     assert report["chosen_lambda"] == max(eligible, key=lambda row: row["gold"])["lambda"]
     assert "gold" in report["selection"]["objective"]
+    # The oracle: RL on the gold reward itself at the base beta, scored like the others.
+    oracle = report["oracle"]
+    assert (tmp_path / "oracle_rl_beta_0.1" / "checkpoints").is_dir()
+    assert oracle["beta"] == 0.1 and oracle["gold_reward"] == oracle["rewards"]["gold"][0]
+    assert oracle["proxy_reward"] == oracle["mean_reward"] != report["dera"][1]["mean_reward"]
+    # DeRa's gold reward against the retrained models': lambdas 0 and 1 are the same
+    # models with the same samples, so no gap.
+    rows = report["gold_comparison_rows"]
+    assert [(row["lambda"], row["gap"], row["within"]) for row in rows] == [
+        (0.0, 0.0, True), (1.0, 0.0, True)]
+    text = (tmp_path / "report.md").read_text()
+    assert "## Gold and proxy rewards" in text and "Oracle RL on the gold reward" in text
+    assert (tmp_path / "gold_proxy_vs_sqrt_kl.png").stat().st_size > 0

@@ -84,27 +84,6 @@ def test_micro_pipeline_writes_a_report_with_the_trend(tmp_path):
 
 
 @pytest.mark.slow
-def test_micro_faithfulness_pipeline_trains_a_reward_model_and_reports(tmp_path):
-    bindings = MICRO + ["reward_model.train_reward_model.num_steps = 5",
-                        "reward_model.train_reward_model.feature_lengths = "
-                        "{'inputs': 32, 'targets': 16}",
-                        "rl.train_rl.num_steps = 2", "reproduce.run.beta = 0.1",
-                        "reproduce.run.distill_lambda = None"]
-    gin.clear_config()
-    try:
-        gin_utils.parse(["gin/reproduce/faithfulness_tiny.gin"], bindings)
-        content = reproduce.run(str(tmp_path))
-    finally:
-        gin.clear_config()
-    assert content["reward"] == "reward_model"
-    assert (tmp_path / "reward_model" / "checkpoints" / "5").exists()
-    metrics = (tmp_path / "reward_model" / "metrics.jsonl").read_text()
-    assert '"eval/accuracy"' in metrics
-    rewards = [row["mean_reward"] for row in content["dera"]]
-    assert all(np.isfinite(rewards)) and len(set(rewards)) > 1
-
-
-@pytest.mark.slow
 def test_micro_dpo_pipeline_reports_dera_against_retrained_dpo(tmp_path):
     bindings = MICRO + ["dpo.train_dpo.num_steps = 15", "dpo.train_dpo.batch_size = 8",
                         "dpo/trainer.make_schedule.learning_rate = 3e-3",
