@@ -75,23 +75,32 @@ def _markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines += ["", (f"Length gaps above {100 * tolerance:.0f}% at lambda {over}."
                    if over else f"Every length gap is within {100 * tolerance:.0f}%."), ""]
     selection = results["selection"]
+    # A criterion other than the aligned-with reward (e.g. gold) gets its own column.
+    extra = [key for key in selection["validation"][0]
+             if key not in ("lambda", "mean_reward", "rougeL", "eligible")]
     lines += [
         "## Choosing lambda on validation data", "", selection["objective"], "",
-        "| lambda | mean reward | ROUGE-L | eligible |", "| --- | --- | --- | --- |",
+        "| lambda | mean reward | " + "".join(f"mean {key} | " for key in extra)
+        + "ROUGE-L | eligible |", "| --- " * (4 + len(extra)) + "|",
     ]
     for row in selection["validation"]:
         lines.append(f"| {row['lambda']:g} | {_fmt(row['mean_reward'])} | "
-                     f"{_fmt(row['rougeL'])} | {'yes' if row['eligible'] else 'no'} |")
+                     + "".join(f"{_fmt(row[key], 4)} | " for key in extra)
+                     + f"{_fmt(row['rougeL'])} | {'yes' if row['eligible'] else 'no'} |")
     test = selection["test"]
     chosen = results["chosen_lambda"]
     lines += ["", f"Chosen lambda: **{chosen:g}** (beta/lambda = "
               f"{_fmt(results['beta'] / chosen if chosen else None, 4)}).", "",
-              "| test split | mean length | mean reward | KL to SFT | ROUGE-L |",
-              "| --- | --- | --- | --- | --- |"]
+              "| test split | mean length | mean reward | "
+              + "".join(f"mean {key} | " for key in extra) + "KL to SFT | ROUGE-L |",
+              "| --- " * (5 + len(extra)) + "|"]
     for name in ("chosen", "base", "sft"):
         row = test[name]
         lines.append(f"| {name} (lambda {row['lambda']:g}) | {_fmt(row['mean_length'])} | "
-                     f"{_fmt(row['mean_reward'])} | {_fmt(row['kl'])} | {_fmt(row['rougeL'])} |")
+                     f"{_fmt(row['mean_reward'])} | "
+                     + "".join(f"{_fmt(mean, 4)} ({_fmt(sem, 4)}) | "
+                               for mean, sem in (row["rewards"][key] for key in extra))
+                     + f"{_fmt(row['kl'])} | {_fmt(row['rougeL'])} |")
     lines += _aligner_lines(results)
     lines += _distilled_lines(results)
     lines += _gold_lines(results)

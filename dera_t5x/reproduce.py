@@ -18,7 +18,7 @@ report; `timings_this_run_s` is this run's).
 1. SFT of the model on the task (`sft/`);
 2. for the gold / proxy pipeline, a proxy Bradley-Terry reward model on
    gold-labelled pairs of SFT samples (`proxy_reward_model/`) and an oracle RL
-   run on the gold reward itself (`oracle_rl_beta_<beta>/`, `oracle_<split>.json`);
+   run on the gold reward itself (`oracle_rl_beta_<oracle_beta>/`, `oracle_<split>.json`);
 3. alignment from the SFT model at the base beta with the gin-chosen aligner
    (RL or DPO: `rl_beta_<beta>/`, `dpo_beta_<beta>/`);
 4. DeRa on the evaluation split for the whole lambda grid, one `dera_sweep`
@@ -261,7 +261,7 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
         aligner: Callable[..., Params] = aligners.rl_aligner,
         rl_beta_same_optimum: float | None = None,
         distill_lambda: float | str | None = "chosen",
-        human_task: str | None = None,
+        human_task: str | None = None, oracle_beta: float | None = None,
         mesh_shape: Sequence[int] | None = None) -> dict[str, Any]:
     """Runs (or resumes) a whole pipeline and writes its report; returns report.json.
 
@@ -292,7 +292,9 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
     proxy (`reward_model`), the gold reward (`gold`) and its support
     (`gold_support`), chooses lambda by the gold reward, and reports the
     agreements of both with `human_task`'s human labels
-    (`_gold_proxy_results`).
+    (`_gold_proxy_results`). Its oracle RL run aligns with the gold reward
+    itself at `oracle_beta` (default: `beta`; gold's scale is not the proxy's,
+    so the same beta is not the same trade-off).
     """
     lambdas = _check_lambdas(lambdas)
     if distill_lambda not in (None, "chosen"):
@@ -300,6 +302,8 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
     if reward_kind not in REWARD_KINDS:
         raise ValueError(f"reward_kind must be one of {REWARD_KINDS}, got {reward_kind!r}.")
     rl.RLConfig(beta=beta)  # validates beta before any training
+    oracle_beta = beta if oracle_beta is None else oracle_beta
+    rl.RLConfig(beta=oracle_beta)
     for name, value, low in (("num_eval_samples", num_eval_samples, 1),
                              ("eval_batch_size", eval_batch_size, 1),
                              ("max_decode_len", max_decode_len, 1)):
@@ -451,14 +455,15 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
     if reward_kind == "gold_proxy":  # RL on the gold reward itself, at the base beta
         gold_settings = {"kind": "gold",
                          **_gin_settings("gold_reward.faithfulness_reward")}
-        oracle_key = integrity.fingerprint(rl_settings(beta, aligners.rl_aligner, gold_settings))
+        oracle_key = integrity.fingerprint(
+            rl_settings(oracle_beta, aligners.rl_aligner, gold_settings))
         oracle = _cached_json(
             out / f"oracle_{eval_split}.json",
             {"stage": "oracle", **eval_settings, "sft": sft_key, "model": oracle_key},
             lambda: timed("oracle_rl", lambda: dataclasses.replace(
                 evaluator.evaluate(eval_split, params_ref, align(
-                    beta, aligners.rl_aligner, named_rewards["gold"], gold_settings, "oracle_"),
-                    [1.0])[0], beta=beta).to_json()))
+                    oracle_beta, aligners.rl_aligner, named_rewards["gold"], gold_settings,
+                    "oracle_"), [1.0])[0], beta=oracle_beta).to_json()))
 
     selection_settings = {"stage": "selection", **eval_settings, "sft": sft_key,
                           "aligned": base_key, "dera": integrity.fingerprint(dera_settings),

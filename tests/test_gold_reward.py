@@ -283,6 +283,7 @@ GOLD_MICRO = [
     "reward_model.train_reward_model.checkpoint_every = 4",
     "reward_model.train_reward_model.batch_size = 8",
     "rl.train_rl.num_steps = 2", "rl.train_rl.batch_size = 8",
+    "rl.train_rl.num_steps_reference_beta = None",
     "reproduce.run.lambdas = (0.0, 1.0)", "reproduce.run.max_decode_len = 12",
     "rl.RLConfig.max_decode_len = 12", "reproduce.run.max_eval_examples = 8",
     "reproduce.run.eval_batch_size = 16",
@@ -339,8 +340,9 @@ def test_micro_gold_proxy_pipeline_reports_gold_and_proxy(tmp_path):
     assert "gold" in report["selection"]["objective"]
     # The oracle: RL on the gold reward itself at the base beta, scored like the others.
     oracle = report["oracle"]
-    assert (tmp_path / "oracle_rl_beta_0.1" / "checkpoints").is_dir()
-    assert oracle["beta"] == 0.1 and oracle["gold_reward"] == oracle["rewards"]["gold"][0]
+    assert (tmp_path / "oracle_rl_beta_0.001" / "checkpoints").is_dir()
+    assert oracle["beta"] == 0.001 and report["beta"] == 0.02  # gold's units, the proxy's
+    assert oracle["gold_reward"] == oracle["rewards"]["gold"][0]
     assert oracle["proxy_reward"] == oracle["mean_reward"] != report["dera"][1]["mean_reward"]
     # DeRa's gold reward against the retrained models': lambdas 0 and 1 are the same
     # models with the same samples, so no gap.
