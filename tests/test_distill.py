@@ -3,7 +3,11 @@ one-step toy, what enters the loss, exact resume, the held-out KL, and errors.""
 
 import functools
 import json
+import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +16,11 @@ import optax
 import pytest
 
 import t5_factories
+from dera_t5x import checkpoints
 from dera_t5x import models
 from dera_t5x import realign
 from dera_t5x.models.decoder_only import network as decoder_only_network
+from dera_t5x.models.t5 import network
 from dera_t5x.training import distill
 
 EOS = 1
@@ -205,3 +211,46 @@ def test_bad_input_is_refused_before_anything_is_written(t5, tmp_path, change, m
         distill.train_distill(str(tmp_path / "run"), model=model, params_ref=params_ref,
                               params_aligned=params_aligned, num_steps=1, **kwargs)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_distill_entry_point_writes_a_student_and_its_held_out_kl(tmp_path):
+    """`python -m train.distill` end to end on micro SFT / aligned checkpoints, and a
+    bad lambda refused in one line before anything loads."""
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    micro = {"emb_dim": 32, "num_heads": 2, "head_dim": 16, "mlp_dim": 64,
+             "num_encoder_layers": 1, "num_decoder_layers": 1}
+    config = network.T5Config(vocab_size=4096, mlp_activations=("gelu", "linear"),
+                              logits_via_embedding=False, dropout_rate=0.0, **micro)
+    model = models.EncoderDecoderModel(config)
+    for name, seed in (("ref", 0), ("aligned", 1)):
+        checkpoints.save_params(str(tmp_path / name), jax.jit(model.init)(
+            jax.random.PRNGKey(seed)))
+    out = tmp_path / "student"
+    flags = ["--gin_file=gin/runs/sft_tiny.gin", "--gin_file=gin/runs/distill_tiny.gin",
+             f"--ref_checkpoint={tmp_path / 'ref'}",
+             f"--aligned_checkpoint={tmp_path / 'aligned'}", f"--model_dir={out}",
+             "--eval_examples=2", "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}",
+             "--gin.network.T5Config.dropout_rate=0.0",
+             "--gin.distill.train_distill.num_steps=2", "--gin.distill.train_distill.batch_size=4",
+             "--gin.distill.train_distill.checkpoint_every=2",
+             *(f"--gin.network.T5Config.{key}={value}" for key, value in micro.items())]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    run = functools.partial(subprocess.run, cwd=repo, env=env, capture_output=True, text=True,
+                            timeout=600)
+    result = run([sys.executable, "-m", "train.distill", *flags, "--lam=2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    student = checkpoints.restore_params(out / "params")
+    assert student["token_embedder"]["embedding"].shape == (4096, 32)
+    # Initialized from the aligned model ('aligned' in distill_tiny.gin) and trained.
+    aligned = checkpoints.restore_params(tmp_path / "aligned")
+    assert not np.array_equal(student["token_embedder"]["embedding"],
+                              aligned["token_embedder"]["embedding"])
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    kl = [m["eval/mixture_kl_per_token"] for m in metrics if "eval/mixture_kl_per_token" in m]
+    assert kl and np.isfinite(kl[-1]) and kl[-1] >= 0.0
+    bad = run([sys.executable, "-m", "train.distill", *flags[:4],
+               f"--model_dir={tmp_path / 'bad'}", "--lam=-1"])
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert bad.returncode == 1 and len(errors) == 1 and "lambda" in errors[0], bad.stderr[-2000:]
+    assert not (tmp_path / "bad").exists()
