@@ -452,7 +452,7 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
                 beta=rl_beta_same_optimum).to_json()))
 
     oracle = None
-    if reward_kind == "gold_proxy":  # RL on the gold reward itself, at the base beta
+    if reward_kind == "gold_proxy":  # RL on the gold reward itself, at oracle_beta
         gold_settings = {"kind": "gold",
                          **_gin_settings("gold_reward.faithfulness_reward")}
         oracle_key = integrity.fingerprint(

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,10 +18,10 @@ import pytest
 
 import t5_factories
 from dera_t5x import checkpoints
+from dera_t5x import gin_utils
 from dera_t5x import models
 from dera_t5x import realign
 from dera_t5x.models.decoder_only import network as decoder_only_network
-from dera_t5x.models.t5 import network
 from dera_t5x.training import distill
 
 EOS = 1
@@ -217,24 +218,32 @@ def test_bad_input_is_refused_before_anything_is_written(t5, tmp_path, change, m
 def test_distill_entry_point_writes_a_student_and_its_held_out_kl(tmp_path):
     """`python -m train.distill` end to end on micro SFT / aligned checkpoints, and a
     bad lambda refused in one line before anything loads."""
+    from dera_t5x.data import pipeline  # noqa: F401, PLC0415  (the gin files' configurables)
+
     repo = pathlib.Path(__file__).resolve().parents[1]
-    micro = {"emb_dim": 32, "num_heads": 2, "head_dim": 16, "mlp_dim": 64,
-             "num_encoder_layers": 1, "num_decoder_layers": 1}
-    config = network.T5Config(vocab_size=4096, mlp_activations=("gelu", "linear"),
-                              logits_via_embedding=False, dropout_rate=0.0, **micro)
-    model = models.EncoderDecoderModel(config)
+    gin_files = ["gin/runs/sft_tiny.gin", "gin/runs/distill_tiny.gin"]
+    bindings = ["TASK_FEATURE_LENGTHS = {'inputs': 32, 'targets': 8}",
+                "network.T5Config.dropout_rate = 0.0", "network.T5Config.emb_dim = 32",
+                "network.T5Config.num_heads = 2", "network.T5Config.head_dim = 16",
+                "network.T5Config.mlp_dim = 64", "network.T5Config.num_encoder_layers = 1",
+                "network.T5Config.num_decoder_layers = 1",
+                "distill.train_distill.num_steps = 2", "distill.train_distill.batch_size = 4",
+                "distill.train_distill.checkpoint_every = 2"]
+    gin.clear_config()
+    try:  # The checkpoints hold the model the entry point's gin files build.
+        gin_utils.parse(gin_files, bindings)
+        model = models.for_config(gin_utils.model_config())
+    finally:
+        gin.clear_config()
     for name, seed in (("ref", 0), ("aligned", 1)):
         checkpoints.save_params(str(tmp_path / name), jax.jit(model.init)(
             jax.random.PRNGKey(seed)))
     out = tmp_path / "student"
-    flags = ["--gin_file=gin/runs/sft_tiny.gin", "--gin_file=gin/runs/distill_tiny.gin",
+    flags = [*(f"--gin_file={path}" for path in gin_files),
              f"--ref_checkpoint={tmp_path / 'ref'}",
              f"--aligned_checkpoint={tmp_path / 'aligned'}", f"--model_dir={out}",
-             "--eval_examples=2", "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}",
-             "--gin.network.T5Config.dropout_rate=0.0",
-             "--gin.distill.train_distill.num_steps=2", "--gin.distill.train_distill.batch_size=4",
-             "--gin.distill.train_distill.checkpoint_every=2",
-             *(f"--gin.network.T5Config.{key}={value}" for key, value in micro.items())]
+             "--eval_examples=2", *("--gin." + binding.replace(" = ", "=", 1)
+                                    for binding in bindings)]
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
     run = functools.partial(subprocess.run, cwd=repo, env=env, capture_output=True, text=True,
                             timeout=600)

@@ -338,7 +338,7 @@ def test_micro_gold_proxy_pipeline_reports_gold_and_proxy(tmp_path):
     eligible = [row for row in table if row["eligible"]] or table
     assert report["chosen_lambda"] == max(eligible, key=lambda row: row["gold"])["lambda"]
     assert "gold" in report["selection"]["objective"]
-    # The oracle: RL on the gold reward itself at the base beta, scored like the others.
+    # The oracle: RL on the gold reward itself at its own beta, scored like the others.
     oracle = report["oracle"]
     assert (tmp_path / "oracle_rl_beta_0.001" / "checkpoints").is_dir()
     assert oracle["beta"] == 0.001 and report["beta"] == 0.02  # gold's units, the proxy's
