@@ -39,6 +39,7 @@ the sum over tokens of log pi - log pi_sft of the sampled tokens.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -294,7 +295,8 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
     agreements of both with `human_task`'s human labels
     (`_gold_proxy_results`). Its oracle RL run aligns with the gold reward
     itself at `oracle_beta` (default: `beta`; gold's scale is not the proxy's,
-    so the same beta is not the same trade-off).
+    so the same beta is not the same trade-off), under the gin scope 'oracle'
+    (`oracle/rl.train_rl.max_num_steps = ...` binds its run alone).
     """
     lambdas = _check_lambdas(lambdas)
     if distill_lambda not in (None, "chosen"):
@@ -380,27 +382,31 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
             mesh_shape=mesh_shape))
         reward = reward_model.as_reward(model, rm_params)
         reward_settings = {"kind": "gold_proxy", "key": integrity.fingerprint(rm_settings)}
-    def aligner_settings(chosen):
+    def aligner_settings(chosen, scope=""):
+        selectors = ("rl.train_rl", "rl.RLConfig", "rl.make_optimizer", "dpo.train_dpo",
+                     "aligners.dpo_aligner")
         return {"aligner": getattr(chosen, "__name__", repr(chosen)),
-                **_gin_settings("rl.train_rl", "rl.RLConfig", "rl.make_optimizer",
-                                "dpo.train_dpo", "aligners.dpo_aligner")}
+                **_gin_settings(*(f"{scope}/{s}" if scope else s for s in selectors))}
 
-    def rl_settings(beta_value, chosen=aligner, with_settings=None):
+    def rl_settings(beta_value, chosen=aligner, with_settings=None, scope=""):
         return {"stage": "align", **common, "beta": beta_value, "max_decode_len": max_decode_len,
                 "sft": sft_key, "reward": with_settings or reward_settings,
-                "gin": aligner_settings(chosen)}
+                "gin": aligner_settings(chosen, scope)}
 
     def stage_name(beta_value, chosen=aligner):
         prefix = getattr(chosen, "__name__", "aligner").removesuffix("_aligner")
         return f"{prefix}_beta_{_fmt_beta(beta_value)}"
 
-    def align(beta_value, chosen=aligner, with_reward=None, with_settings=None, prefix=""):
-        return chosen(_stage_dir(out / (prefix + stage_name(beta_value, chosen)),
-                                 rl_settings(beta_value, chosen, with_settings)),
-                      model=model, params_ref=params_ref, reward=with_reward or reward,
-                      beta=beta_value,
-                      task_name=task_name, feature_lengths=feature_lengths,
-                      max_decode_len=max_decode_len, seed=seed)
+    def align(beta_value, chosen=aligner, with_reward=None, with_settings=None, scope=""):
+        """Aligns at beta_value; a gin `scope` (e.g. 'oracle') names the folder
+        (`oracle_rl_beta_...`) and its scoped bindings apply (`oracle/rl.train_rl...`)."""
+        model_dir = _stage_dir(out / (f"{scope}_" * bool(scope) + stage_name(beta_value, chosen)),
+                               rl_settings(beta_value, chosen, with_settings, scope))
+        with gin.config_scope(scope) if scope else contextlib.nullcontext():
+            return chosen(model_dir, model=model, params_ref=params_ref,
+                          reward=with_reward or reward, beta=beta_value, task_name=task_name,
+                          feature_lengths=feature_lengths, max_decode_len=max_decode_len,
+                          seed=seed)
 
     base_key = integrity.fingerprint(rl_settings(beta))
     base_params = timed("rl_base", lambda: align(beta))
@@ -456,14 +462,14 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
         gold_settings = {"kind": "gold",
                          **_gin_settings("gold_reward.faithfulness_reward")}
         oracle_key = integrity.fingerprint(
-            rl_settings(oracle_beta, aligners.rl_aligner, gold_settings))
+            rl_settings(oracle_beta, aligners.rl_aligner, gold_settings, "oracle"))
         oracle = _cached_json(
             out / f"oracle_{eval_split}.json",
             {"stage": "oracle", **eval_settings, "sft": sft_key, "model": oracle_key},
             lambda: timed("oracle_rl", lambda: dataclasses.replace(
                 evaluator.evaluate(eval_split, params_ref, align(
                     oracle_beta, aligners.rl_aligner, named_rewards["gold"], gold_settings,
-                    "oracle_"), [1.0])[0], beta=oracle_beta).to_json()))
+                    "oracle"), [1.0])[0], beta=oracle_beta).to_json()))
 
     selection_settings = {"stage": "selection", **eval_settings, "sft": sft_key,
                           "aligned": base_key, "dera": integrity.fingerprint(dera_settings),

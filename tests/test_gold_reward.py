@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dera_t5x.training import gold_reward
+from dera_t5x.training import trainer
 
 # Ids 0-2 are pad, EOS and unknown; the prefix is "▁sum mar ize :".
 PIECES = [None, None, None, "▁sum", "mar", "ize", ":", "▁the", "▁cat", "▁sat", "▁on", "▁mat",
@@ -283,7 +284,7 @@ GOLD_MICRO = [
     "reward_model.train_reward_model.checkpoint_every = 4",
     "reward_model.train_reward_model.batch_size = 8",
     "rl.train_rl.num_steps = 2", "rl.train_rl.batch_size = 8",
-    "rl.train_rl.num_steps_reference_beta = None",
+    "rl.train_rl.num_steps_reference_beta = None", "oracle/rl.train_rl.num_steps = 3",
     "reproduce.run.lambdas = (0.0, 1.0)", "reproduce.run.max_decode_len = 12",
     "rl.RLConfig.max_decode_len = 12", "reproduce.run.max_eval_examples = 8",
     "reproduce.run.eval_batch_size = 16",
@@ -341,6 +342,10 @@ def test_micro_gold_proxy_pipeline_reports_gold_and_proxy(tmp_path):
     # The oracle: RL on the gold reward itself at its own beta, scored like the others.
     oracle = report["oracle"]
     assert (tmp_path / "oracle_rl_beta_0.001" / "checkpoints").is_dir()
+    # under its own gin scope: `oracle/rl.train_rl.num_steps = 3`, the others' 2.
+    last_step = {name: max(row["step"] for row in trainer.read_metrics(tmp_path / name))
+                 for name in ("oracle_rl_beta_0.001", "rl_beta_0.02")}
+    assert last_step == {"oracle_rl_beta_0.001": 3, "rl_beta_0.02": 2}
     assert oracle["beta"] == 0.001 and report["beta"] == 0.02  # gold's units, the proxy's
     assert oracle["gold_reward"] == oracle["rewards"]["gold"][0]
     assert oracle["proxy_reward"] == oracle["mean_reward"] != report["dera"][1]["mean_reward"]
