@@ -13,6 +13,7 @@ import torch
 import transformers
 
 import hf_factories  # tests/ is on sys.path (pytest's rootdir conftest)
+from bench.common import RealignLogitsProcessor  # the authors' DeRa processor
 from dera_t5x import checkpoints
 from dera_t5x import models
 from dera_t5x import realign
@@ -83,28 +84,6 @@ def _family(model_type: str, tmp_path_factory) -> dict:
 def _prompts(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(
         3, VOCAB, (len(PROMPT_LENGTHS), PROMPT_LENGTHS.max())).astype(np.int32)
-
-
-class RealignLogitsProcessor(transformers.LogitsProcessor):
-    """The authors' DeRa inside transformers `generate` (which runs the aligned
-    model): runs the reference model on the same prefix with its own KV cache
-    and returns lam * (aligned_scores - ref_scores) + ref_scores. The first
-    call reads the whole prefix; later calls only the tokens added since."""
-
-    def __init__(self, ref_model: torch.nn.Module, lam: float):
-        self.ref_model = ref_model
-        self.lam = lam
-        self.past = None
-        self.seen = 0
-
-    @torch.no_grad()
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor
-                 ) -> torch.FloatTensor:
-        new = input_ids if self.past is None else input_ids[:, self.seen:]
-        out = self.ref_model(input_ids=new, past_key_values=self.past, use_cache=True)
-        self.past, self.seen = out.past_key_values, input_ids.shape[1]
-        ref_scores = out.logits[:, -1].float()
-        return self.lam * (scores - ref_scores) + ref_scores
 
 
 @torch.no_grad()
