@@ -400,7 +400,8 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
     def align(beta_value, chosen=aligner, with_reward=None, with_settings=None, scope=""):
         """Aligns at beta_value; a gin `scope` (e.g. 'oracle') names the folder
         (`oracle_rl_beta_...`) and its scoped bindings apply (`oracle/rl.train_rl...`)."""
-        model_dir = _stage_dir(out / (f"{scope}_" * bool(scope) + stage_name(beta_value, chosen)),
+        name = stage_name(beta_value, chosen)
+        model_dir = _stage_dir(out / (f"{scope}_{name}" if scope else name),
                                rl_settings(beta_value, chosen, with_settings, scope))
         with gin.config_scope(scope) if scope else contextlib.nullcontext():
             return chosen(model_dir, model=model, params_ref=params_ref,
