@@ -248,6 +248,12 @@ def load_models(ref_checkpoint: str, aligned_checkpoint: str, model_config: Any 
     return model, params[0], params[1]
 
 
+def _inputs_digest(inputs: Inputs) -> str:
+    """The header's `inputs_sha256`: the token ids (and prompt lengths) decoded."""
+    lengths = b"" if inputs.prompt_lengths is None else inputs.prompt_lengths.tobytes()
+    return hashlib.sha256(inputs.tokens.tobytes() + lengths).hexdigest()
+
+
 def _checkpoint_id(spec: str) -> str:
     return spec if "://" in spec else os.path.abspath(spec)
 
@@ -503,7 +509,6 @@ def run(ref_checkpoint: str | None = None, aligned_checkpoint: str | None = None
         extra = {}
         summary_extra = {"inputs_length": limit,
                          "longest_prompt": int(np.max(inputs.prompt_lengths))}
-        digest = hashlib.sha256(inputs.tokens.tobytes() + inputs.prompt_lengths.tobytes())
     else:
         model, params_ref, params_aligned, inputs, source, detokenize = _t5_job(
             ref_checkpoint, aligned_checkpoint, input_file=input_file, task=task, split=split,
@@ -512,7 +517,6 @@ def run(ref_checkpoint: str | None = None, aligned_checkpoint: str | None = None
             dtypes={"param_dtype": param_dtype, "activation_dtype": activation_dtype})
         extra = {"task": task}
         summary_extra = {"inputs_length": inputs_length}
-        digest = hashlib.sha256(inputs.tokens.tobytes())
     if partitioner is not None:
         partitioner = partitioning.Partitioner(mesh_shape, model.param_axes)
 
@@ -522,7 +526,7 @@ def run(ref_checkpoint: str | None = None, aligned_checkpoint: str | None = None
         "seed": seed, "temperature": float(temperature), "top_k": top_k,
         "top_p": float(top_p), "max_decode_len": max_decode_len, "batch_size": batch_size,
         **extra, **source, "inputs_length": inputs_length, "num_inputs": num_inputs,
-        "inputs_sha256": digest.hexdigest(),
+        "inputs_sha256": _inputs_digest(inputs),
     })
     output = jsonl.ResumableOutput(output_file, header, lambdas, batch_size, num_inputs)
     done, offset = output.completed_inputs()
@@ -623,3 +627,71 @@ def _strict_line(record: dict[str, Any], ref_checkpoint: str, aligned_checkpoint
             f"{record['lambda']}): the checkpoints {ref_checkpoint} and {aligned_checkpoint} "
             "give NaN or infinite logits. The records of earlier batches are intact; check "
             "the checkpoints.") from None
+
+
+# ------------------------------------------------------- reading an output
+
+
+def read_output(output_file: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(header, records) of a finished job's output file, records in file order.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: not a decode job's output, a damaged line, or an unfinished
+        job (the message says how far it got and how to finish it).
+    """
+    if not os.path.isfile(output_file):
+        raise FileNotFoundError(f"No decode job output at {output_file}. Fix: run the decode "
+                                "job (python -m decode.dera ... --output_file=...) first.")
+    with open(output_file, encoding="utf-8") as f:
+        first = f.readline()
+    try:
+        header = json.loads(first)["header"]
+        grid = (header["lambdas"], header["batch_size"], header["num_inputs"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"{output_file} is not the output of a decode job (no header "
+                         "line).") from None
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{output_file} has format {header.get('format')!r}; this version "
+                         f"reads {FORMAT!r}. Fix: decode again with this version.")
+    output = jsonl.ResumableOutput(output_file, header, *grid)
+    done, offset = output.completed_inputs()  # checks every line's place in the grid
+    if done < header["num_inputs"]:
+        raise ValueError(f"{output_file} is unfinished: {done} of {header['num_inputs']} "
+                         "inputs were decoded. Fix: rerun the decode job with the same flags; "
+                         "it resumes and finishes the file.")
+    with open(output_file, "rb") as f:
+        lines = f.read()[:offset].decode("utf-8").splitlines()
+    return header, [json.loads(line) for line in lines[1:]]
+
+
+def job_inputs(header: dict[str, Any]) -> Inputs:
+    """The inputs a job decoded, read again from its header's source (input file
+    or task split, tokenizer, lengths) and checked against `inputs_sha256`.
+
+    Raises:
+      ValueError: the inputs read now differ from those decoded (the input
+        file or the tokenizer changed since).
+    """
+    if "tokenizer" in header:  # decoder-only
+        tokenizer = text_lib.load(header["tokenizer"]["dir"])
+        records = text_lib.read_jsonl(header["input_file"])
+        prompts = text_lib.encode_prompts(
+            header["input_file"], records, tokenizer, text_field=header["text_field"],
+            messages_field=header["messages_field"], chat_bos=header["chat_bos"],
+            limit=header["prompt_limit"])
+        inputs = Inputs(prompts.texts, prompts.tokens, 0, prompts.lengths)
+    elif "split" in header:
+        inputs = read_task_inputs(header["task"], header["split"], header["inputs_length"])
+    else:
+        _, tasks, _ = _data_layer()
+        vocabulary = tasks.get_task(header["task"]).output_features["inputs"].vocabulary
+        inputs = read_jsonl_inputs(header["input_file"], vocabulary,
+                                   text_field=header["text_field"], prefix=header["prefix"],
+                                   inputs_length=header["inputs_length"])
+    if _inputs_digest(inputs) != header["inputs_sha256"]:
+        source = header.get("input_file") or f"{header['task']} {header['split']}"
+        raise ValueError(f"The inputs read now from {source} differ from those the job decoded "
+                         "(their SHA-256 is not the header's): the file or the tokenizer "
+                         "changed since. Fix: decode again, or restore the inputs it read.")
+    return inputs

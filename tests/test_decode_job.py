@@ -8,6 +8,7 @@ from absl import flags
 import gin
 import jax
 import numpy as np
+import optax
 import pytest
 
 import t5_factories
@@ -19,6 +20,7 @@ from dera_t5x.models.t5 import network
 from dera_t5x import realign
 from dera_t5x.data import bundled
 from dera_t5x.data import tasks
+from dera_t5x.training import distill
 
 CONFIG = t5_factories.TINY
 # One set of shapes for every run, so the process compiles the sweep once.
@@ -280,3 +282,61 @@ def test_hugging_face_checkpoints_bring_their_own_config(tmp_path, input_file):
         params_ref, tokens, jax.random.PRNGKey(0), max_decode_len=8, temperature=0.0)
     assert [r["token_ids"] for r in records if r["lambda"] == 0.0] == [
         list(map(int, row[:n])) for row, n in zip(alone.tokens, alone.lengths)]
+
+
+def test_a_finished_job_is_distillation_data_for_the_decoded_source(tmp_path, models_dir,
+                                                                    input_file, full_run):
+    """`distill.decoded_data`: the job's inputs read again (checked against the
+    header's hash) and its samples at lambda, padded; a one-step run on them."""
+    model = models.EncoderDecoderModel(CONFIG)
+    data = distill.decoded_data(str(full_run.output), 2.0, model)
+    _, records = _read(full_run.output)
+    samples = [r["token_ids"] for r in records if r["lambda"] == 2.0]
+    expected = decode_job.read_jsonl_inputs(str(input_file), VOCABULARY, text_field="document",
+                                            prefix=tasks.PREFIX, inputs_length=32).tokens
+    np.testing.assert_array_equal(data["inputs"], expected)
+    assert data["targets"].shape == (len(DOCS), SETTINGS["max_decode_len"])
+    for row, ids in zip(data["targets"], samples):
+        assert list(row[:len(ids)]) == ids and not row[len(ids):].any()
+    student = distill.train_distill(
+        str(tmp_path / "student"), model=model, params_ref=models_dir.ref,
+        params_aligned=models_dir.aligned, lam=2.0, data=data, data_source="decoded",
+        batch_size=2, num_steps=1, checkpoint_every=1, optimizer=optax.adam(1e-3))
+    assert not np.array_equal(student["decoder"]["logits_dense"]["kernel"],
+                              models_dir.aligned["decoder"]["logits_dense"]["kernel"])
+
+
+def _edited_copy(tmp_path, output, **header_changes):
+    header, *lines = output.read_text(encoding="utf-8").splitlines()
+    header = json.loads(header)
+    header["header"].update(header_changes)
+    copy = tmp_path / "edited.jsonl"
+    copy.write_text("\n".join([json.dumps(header), *lines]) + "\n", encoding="utf-8")
+    return copy
+
+
+def test_decoded_data_refuses_what_is_not_the_mixtures_samples(tmp_path, full_run):
+    model = models.EncoderDecoderModel(CONFIG)
+    output = full_run.output
+    with pytest.raises(ValueError, match=r"holds lambdas \[0.0, 0.5, 1.0, 2.0\], not 3"):
+        distill.decoded_data(str(output), 3.0, model)
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(_cut_after(output.read_bytes(), 9, 0))
+    with pytest.raises(ValueError, match="unfinished: 2 of 5 inputs.*rerun the decode job"):
+        distill.decoded_data(str(cut), 2.0, model)
+    with pytest.raises(ValueError, match="sampled with .*'temperature': 0.7.*not the mixture"):
+        distill.decoded_data(str(_edited_copy(tmp_path, output, temperature=0.7)), 2.0, model)
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text("".join(json.dumps({"document": d + (" Changed." if i == 2 else "")})
+                               + "\n" for i, d in enumerate(DOCS)))
+    with pytest.raises(ValueError, match="differ from those the job decoded"):
+        distill.decoded_data(str(_edited_copy(tmp_path, output, input_file=str(changed))), 2.0,
+                             model)
+    deeper = models.EncoderDecoderModel(network.T5Config(**{**CONFIG.__dict__,
+                                                            "num_decoder_layers": 2}))
+    with pytest.raises(ValueError, match=r"another model \(config fields \['num_decoder_layers'"):
+        distill.decoded_data(str(output), 2.0, deeper)
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text('{"document": "not a decode output"}\n')
+    with pytest.raises(ValueError, match="not the output of a decode job"):
+        distill.decoded_data(str(foreign), 2.0, model)

@@ -263,3 +263,25 @@ def test_distill_entry_point_writes_a_student_and_its_held_out_kl(tmp_path):
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert bad.returncode == 1 and len(errors) == 1 and "lambda" in errors[0], bad.stderr[-2000:]
     assert not (tmp_path / "bad").exists()
+    # The 'decoded' source: a decode job's samples of two documents at lambda 2.
+    from dera_t5x import decode_job  # noqa: PLC0415
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"document": text}) + "\n" for text in (
+        "The council voted to close the library.", "Ships left the harbour at dawn.")))
+    decoded = tmp_path / "decoded.jsonl"
+    decode_job.run(str(tmp_path / "ref"), str(tmp_path / "aligned"), str(decoded), lambdas="2",
+                   input_file=str(docs), model_config=model.config, batch_size=2,
+                   max_decode_len=8, inputs_length=32)
+    from_decoded = run([sys.executable, "-m", "train.distill", *flags, "--lam=2",
+                        f"--decoded_file={decoded}", "--eval_examples=0",
+                        f"--model_dir={tmp_path / 'from_decoded'}"])
+    assert from_decoded.returncode == 0, from_decoded.stderr[-3000:]
+    settings = json.loads((tmp_path / "from_decoded" / "run_settings.json").read_text())
+    assert settings["args"]["data_source"] == "decoded" and settings["args"]["max_decode_len"] \
+        is None
+    assert checkpoints.restore_params(tmp_path / "from_decoded" / "params")
+    unpaired = run([sys.executable, "-m", "train.distill", *flags[:4], "--lam=2",
+                    "--gin.distill.train_distill.data_source='decoded'",
+                    f"--model_dir={tmp_path / 'unpaired'}"])
+    errors = [line for line in unpaired.stderr.splitlines() if line.startswith("error:")]
+    assert unpaired.returncode == 1 and len(errors) == 1 and "--decoded_file" in errors[0]

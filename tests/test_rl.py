@@ -94,6 +94,46 @@ def test_runs_at_two_betas_share_compiled_steps_and_score_with_their_own_beta():
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kl_estimator", ["k1", "full"])
+def test_early_exit_and_trimmed_responses_give_the_same_step(kl_estimator):
+    """Rollout early exit samples the same responses; scoring and updating them
+    cut to the longest (rounded up to the bucket) gives the same step up to
+    float rounding: the positions cut are padding."""
+    model = models.EncoderDecoderModel(CONFIG)
+    ref, policy = model.init(jax.random.PRNGKey(0)), model.init(jax.random.PRNGKey(1))
+    optimizer, reward = rl.make_optimizer(policy_learning_rate=1e-2), rewards.length_reward()
+    plain = rl.RLConfig(beta=0.1, max_decode_len=32, normalize_advantages=True,
+                        kl_estimator=kl_estimator)
+    fast = rl.RLConfig(**{**plain.__dict__, "chunk_size": 3, "response_bucket": 4})
+    results = []
+    for config in (plain, fast):
+        steps = rl.make_step_functions(model, config, optimizer, reward)
+        params = rl.init_params(jax.tree_util.tree_map(jnp.copy, policy), CONFIG.emb_dim)
+        _, responses = steps.rollout(params, PROMPTS[:8], jax.random.PRNGKey(2))
+        results.append((responses, steps.trim(responses),
+                        rl.rl_step(steps, config, params, optimizer.init(params), ref, None,
+                                   PROMPTS[:8], jax.random.PRNGKey(2))))
+    (full_responses, untrimmed, (params, _, metrics)), (responses, trimmed, (fast_params, _,
+                                                                              fast_metrics)) = results
+    np.testing.assert_array_equal(responses, full_responses)
+    np.testing.assert_array_equal(untrimmed, full_responses)
+    longest = int(jnp.max(jax.vmap(lambda r: jnp.sum(r != 0))(responses)))
+    assert longest < 28 and trimmed.shape[1] == -(-longest // 4) * 4
+    np.testing.assert_array_equal(trimmed, responses[:, :trimmed.shape[1]])
+    assert fast_metrics.keys() == metrics.keys()
+    for name in metrics:
+        assert fast_metrics[name] == pytest.approx(metrics[name], rel=1e-4, abs=1e-5), name
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                           fast_params, params)
+
+
+def test_bad_rollout_cut_settings_are_refused():
+    for name in ("chunk_size", "response_bucket"):
+        for value in (0, 2.5):
+            with pytest.raises(ValueError, match=f"RLConfig.{name} must be an integer >= 1"):
+                rl.RLConfig(**{name: value})
+
+
 def test_value_loss_falls_on_a_fixed_batch():
     model = models.EncoderDecoderModel(CONFIG)
     ref = model.init(jax.random.PRNGKey(0))

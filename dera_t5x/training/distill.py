@@ -9,14 +9,17 @@ per-token KL(teacher || student) over the whole vocabulary, averaged over
 response tokens (through the first EOS): prompts and the padding after a
 response never enter it, and it is 0 wherever student and teacher agree.
 
-The responses the KL is taken on come from one of two sources (gin:
+The responses the KL is taken on come from one of three sources (gin:
 `distill.train_distill.data_source`):
 
 - 'dataset': teacher-forced targets of a dataset (the SFT data as a
   calibration set);
 - 'dera_samples': on-policy samples of the mixture itself, drawn in every
   step (`realign.dera_decode` at temperature 1 inside the jitted step, with
-  the step's rng, so a resumed run draws the same samples).
+  the step's rng, so a resumed run draws the same samples);
+- 'decoded': the mixture's samples at lambda written by the batch decoding
+  job (`decoded_data`), teacher-forced like a dataset: drawn once, by a job
+  that may run elsewhere (on a mesh, resumably), and reused across runs.
 
 The student starts from the aligned model (default) or the reference.
 Training runs on the shared loop (`trainer.train_loop`: mesh, orbax
@@ -25,7 +28,9 @@ checkpoints, exact resume, metrics.jsonl, settings checks).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import math
 import statistics
 import time
@@ -47,7 +52,8 @@ from dera_t5x.training import trainer
 
 Array = jax.Array
 Params = Any
-DATA_SOURCES = ("dataset", "dera_samples")
+DATA_SOURCES = ("dataset", "dera_samples", "decoded")
+TEACHER_FORCED = ("dataset", "decoded")  # the sources whose responses are `targets`
 DEFAULT_DATA_SOURCE = "dera_samples"
 INITS = ("aligned", "reference")
 
@@ -89,10 +95,11 @@ def check_data(data: Mapping[str, Any], model: models.Model, data_source: str,
 
     Args:
       data: `inputs` [n, in_len] (T5's encoder input; a decoder-only model's
-        right-padded prompts, with `prompt_lengths` [n]); for 'dataset' also
-        `targets` [n, len] (responses through their EOS, then padding).
+        right-padded prompts, with `prompt_lengths` [n]); for 'dataset' and
+        'decoded' also `targets` [n, len] (responses through their EOS, then
+        padding).
     """
-    need = ("inputs", "targets") if data_source == "dataset" else ("inputs",)
+    need = ("inputs", "targets") if data_source in TEACHER_FORCED else ("inputs",)
     missing = [name for name in need if name not in data]
     if missing:
         raise ValueError(f"{what} lacks {missing}; data_source={data_source!r} needs {need}.")
@@ -101,7 +108,7 @@ def check_data(data: Mapping[str, Any], model: models.Model, data_source: str,
         raise ValueError(f"{what} must be non-empty with one row per example, got {rows}.")
     for name in need:
         _check_ids(name, data[name], model)
-    if data_source == "dataset":
+    if data_source in TEACHER_FORCED:
         targets = np.asarray(data["targets"])
         empty = np.isin(targets[:, 0], model.banned_ids)
         if np.any(empty):
@@ -280,6 +287,48 @@ def task_data(task_name: str, split: str, feature_lengths: Mapping[str, int],
             "targets": features["decoder_target_tokens"][:max_examples]}
 
 
+def decoded_data(output_file: str, lam: float, model: models.Model
+                 ) -> dict[str, np.ndarray]:
+    """The mixture's samples at `lam` from a finished decode job's output file,
+    as data for the 'decoded' source (`decode_job.read_output`).
+
+    The inputs are read again from the job's source and checked against the
+    file's hash (`decode_job.job_inputs`); the samples must have been drawn
+    from the mixture itself (temperature 1, no top-k / top-p) by this model.
+
+    Returns:
+      {'inputs' [n, in_len], 'targets' [n, max_decode_len] (each sample through
+      its EOS, then 0)} and, for a decoder-only job, 'prompt_lengths' [n].
+    """
+    from dera_t5x import decode_job  # noqa: PLC0415  (the job's readers: drivers only)
+
+    lam = check_lambda(lam)
+    header, records = decode_job.read_output(output_file)
+    if lam not in header["lambdas"]:
+        raise ValueError(f"{output_file} holds lambdas {header['lambdas']}, not {lam:g}. Fix: "
+                         f"distil at one of them, or decode with --lambdas including {lam:g}.")
+    sampling = {name: header[name] for name in ("temperature", "top_k", "top_p")}
+    if sampling != {"temperature": 1.0, "top_k": 0, "top_p": 1.0}:
+        raise ValueError(f"{output_file} was sampled with {sampling}: its samples are not the "
+                         "mixture's own. Fix: decode with --temperature=1 --top_k=0 --top_p=1.")
+    ours, theirs = ({k: v for k, v in config.items() if k != "dtype"} for config in (
+        json.loads(json.dumps(dataclasses.asdict(model.config))), header["model_config"]))
+    if ours != theirs:
+        differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        raise ValueError(f"{output_file} was decoded by another model (config fields "
+                         f"{differing} differ). Fix: distil the model the job decoded.")
+    inputs = decode_job.job_inputs(header)
+    rows = [record for record in records if record["lambda"] == lam]
+    targets = np.zeros((len(rows), header["max_decode_len"]), np.int32)
+    for row, record in enumerate(rows):
+        targets[row, :len(record["token_ids"])] = record["token_ids"]
+    index = np.array([record["index"] for record in rows])
+    data = {"inputs": np.asarray(inputs.tokens)[index], "targets": targets}
+    if inputs.prompt_lengths is not None:
+        data["prompt_lengths"] = np.asarray(inputs.prompt_lengths)[index]
+    return data
+
+
 @gin.configurable(denylist=["model_dir", "model", "params_ref", "params_aligned", "lam", "data",
                             "eval_data"])
 def train_distill(model_dir: str, *, model: models.Model, params_ref: Params,
@@ -297,8 +346,9 @@ def train_distill(model_dir: str, *, model: models.Model, params_ref: Params,
       eval_data: held-out `inputs` (and `prompt_lengths`); their
         `make_eval_fn` metric `eval/mixture_kl_per_token` is written every
         `eval_every` steps and at the end.
-      data_source: 'dataset' (teacher-forced `targets`) or 'dera_samples'
-        (fresh mixture samples every step, `max_decode_len` tokens).
+      data_source: 'dataset' (teacher-forced `targets`), 'dera_samples'
+        (fresh mixture samples every step, `max_decode_len` tokens) or
+        'decoded' (teacher-forced `targets` from `decoded_data`).
       init: the student's start, 'aligned' or 'reference'.
       optimizer: default AdamW at a constant 1e-3 (gin:
         `@distill/trainer.make_optimizer()`, scoped so SFT keeps its own).
@@ -326,7 +376,7 @@ def train_distill(model_dir: str, *, model: models.Model, params_ref: Params,
         params_aligned = partitioner.shard_params(params_aligned)
     arrays = {name: np.asarray(data[name])
               for name in ("inputs", "prompt_lengths") if data.get(name) is not None}
-    if data_source == "dataset":
+    if data_source in TEACHER_FORCED:
         arrays["responses"] = np.asarray(data["targets"])
 
     def batch_loss(params, batch, rng):

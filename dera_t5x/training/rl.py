@@ -103,6 +103,13 @@ class RLConfig:
         assumes plain sampling: temperature 1, no filtering).
       normalize_advantages: whiten the advantages over the response tokens
         of each rollout batch (see the module docstring; off by default).
+      chunk_size: rollout early exit (`decoding.sample`): decode in chunks of
+        this many steps and stop once every response has ended; the samples
+        are the same as without it. None decodes all max_decode_len steps.
+      response_bucket: score and update the responses cut to the batch's
+        longest, rounded up to a multiple of this many tokens (`trim`; one
+        compile of the stages per width). The positions cut are padding: the
+        result is the same up to float rounding. None keeps max_decode_len.
     """
 
     beta: float = 0.05
@@ -117,6 +124,8 @@ class RLConfig:
     top_k: int = 0
     top_p: float = 1.0
     normalize_advantages: bool = False
+    chunk_size: int | None = None
+    response_bucket: int | None = None
 
     def __post_init__(self):
         if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta)
@@ -134,6 +143,12 @@ class RLConfig:
         for name in ("ppo_epochs", "num_samples", "max_decode_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RLConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        for name, unset in (("chunk_size", "no early exit"),
+                            ("response_bucket", "no trimming")):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"RLConfig.{name} must be an integer >= 1, or None "
+                                 f"({unset}), got {value!r}.")
 
     @property
     def updates_per_rollout(self) -> int:
@@ -383,17 +398,21 @@ def make_optimizer(policy_learning_rate: float = 5e-6, value_learning_rate: floa
 
 
 class StepFunctions(NamedTuple):
-    """The three jitted stages of an RL step (timed separately by bench/train.py).
+    """The three jitted stages of an RL step (timed separately by bench/train.py)
+    and the cut between the first two.
 
     rollout(params, prompts [batch, enc_len], rng) -> (prompts repeated
       num_samples times [batch * n, enc_len], responses [batch * n, len]).
     score(params, params_ref, reward_params, prompts, responses) -> batch dict.
     update(params, opt_state, batch) -> (params, opt_state, metrics).
+    trim(responses) -> responses [batch * n, width <= len], on the host
+      (`RLConfig.response_bucket`), between rollout and score.
     """
 
     rollout: Callable
     score: Callable
     update: Callable
+    trim: Callable
 
 
 def make_step_functions(model: models.Model, config: RLConfig,
@@ -430,7 +449,7 @@ def _jitted_steps(model: models.Model, config: RLConfig,
         out = model.predict(params["policy"], prompts, rng,
                             max_decode_len=config.max_decode_len,
                             temperature=config.temperature, top_k=config.top_k,
-                            top_p=config.top_p)
+                            top_p=config.top_p, chunk_size=config.chunk_size)
         return prompts, out.tokens
 
     @jax.jit
@@ -446,19 +465,26 @@ def _jitted_steps(model: models.Model, config: RLConfig,
         metrics["grad_norm"] = optax.global_norm(grads)
         return optax.apply_updates(params, updates), opt_state, metrics
 
-    return StepFunctions(rollout, score, update)
+    def trim(responses):
+        if config.response_bucket is None:
+            return responses
+        longest = int(jnp.max(protocol.response_lengths(responses, model.eos_ids)))
+        width = -(-longest // config.response_bucket) * config.response_bucket
+        return responses[:, :min(width, responses.shape[1])]
+
+    return StepFunctions(rollout, score, update, trim)
 
 
 def rl_step(steps: StepFunctions, config: RLConfig, params: Params, opt_state: Any,
             params_ref: Params, reward_params: Any, prompts: Array, rng: Array
             ) -> tuple[Params, Any, dict[str, float] | None]:
-    """One rollout, scoring and `updates_per_rollout` updates.
+    """One rollout, its cut (`trim`), scoring and `updates_per_rollout` updates.
 
     Returns (params, opt_state, metrics), with metrics None and nothing applied
     when the reward was not finite for some response (the caller counts the skip).
     """
     prompts, responses = steps.rollout(params, prompts, rng)
-    batch = steps.score(params, params_ref, reward_params, prompts, responses)
+    batch = steps.score(params, params_ref, reward_params, prompts, steps.trim(responses))
     if not bool(jnp.all(jnp.isfinite(batch["reward"]))):  # a replicated scalar on a mesh
         return params, opt_state, None
     for _ in range(config.updates_per_rollout):

@@ -205,9 +205,10 @@ class DecoderOnlyModel:
     def predict(self, params: Params, inputs: Array, rng: Array, *,
                 prompt_lengths: Array, max_decode_len: int,
                 temperature: float | Array = 0.0, top_k: int = 0,
-                top_p: float = 1.0) -> decoding.DecodeOutput:
+                top_p: float = 1.0, chunk_size: int | None = None) -> decoding.DecodeOutput:
         """Samples (greedy by default) continuations of right-padded prompts with
-        the cached loop; call under `jax.jit` (max_decode_len, top_k, top_p static)."""
+        the cached loop; call under `jax.jit` (max_decode_len, top_k, top_p,
+        chunk_size static; `decoding.sample`)."""
         logits, cache = self.prefill(params, inputs, max_decode_len,
                                      prompt_lengths=prompt_lengths)
 
@@ -218,7 +219,8 @@ class DecoderOnlyModel:
         return decoding.sample(tokens_to_logits, cache, rng, batch_size=inputs.shape[0],
                                max_decode_len=max_decode_len, eos_id=self.eos_ids or -1,
                                initial=(protocol.ban_tokens(logits, self.banned_ids), {}),
-                               temperature=temperature, top_k=top_k, top_p=top_p)
+                               temperature=temperature, top_k=top_k, top_p=top_p,
+                               chunk_size=chunk_size)
 
     def check_params(self, params: Params, source: str = "The parameter set") -> Params:
         """Names and shapes against the config; errors name the parameter."""

@@ -181,8 +181,10 @@ class EncoderDecoderModel:
 
     def predict(self, params: Params, encoder_input_tokens: Array, rng: Array, *,
                 max_decode_len: int, temperature: float | Array = 0.0, top_k: int = 0,
-                top_p: float = 1.0, partitioner: Any = None) -> decoding.DecodeOutput:
-        """Samples (greedy by default) with the cached loop; call under `jax.jit`.
+                top_p: float = 1.0, chunk_size: int | None = None,
+                partitioner: Any = None) -> decoding.DecodeOutput:
+        """Samples (greedy by default) with the cached loop; call under `jax.jit`
+        (max_decode_len, top_k, top_p, chunk_size static; `decoding.sample`).
 
         Padding is never generated (see `exclude_padding`). With a
         `partitioning.Partitioner` the decode cache follows `cache_axes` (rows
@@ -201,7 +203,7 @@ class EncoderDecoderModel:
                                batch_size=encoder_input_tokens.shape[0],
                                max_decode_len=max_decode_len, eos_id=EOS_ID,
                                initial=(exclude_padding(logits), {}), temperature=temperature,
-                               top_k=top_k, top_p=top_p)
+                               top_k=top_k, top_p=top_p, chunk_size=chunk_size)
 
     def check_params(self, params: Params, source: str = "The parameter set") -> Params:
         """Names and shapes against the config; errors name the parameter."""
