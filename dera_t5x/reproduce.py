@@ -31,6 +31,10 @@ report; `timings_this_run_s` is this run's).
    result against the base model and SFT (`selection.json`);
 7. `report.json`, `report.md` and plots (`dera_t5x.report`).
 
+Every trained model (SFT, each aligned model, the oracle, the distilled
+student) is also written to `<its folder>/params`, which the decode job,
+chat and the trainers read as a checkpoint (`checkpoints.load_params`).
+
 Every model is evaluated the same way: `num_eval_samples` samples per input
 at temperature 1 from `realign.dera_sweep(sft, aligned, lambdas)` (a
 retrained model is the aligned model at lambda = 1), so KL to SFT is always
@@ -54,6 +58,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from dera_t5x import aligners
+from dera_t5x import checkpoints
 from dera_t5x import evaluation
 from dera_t5x import gin_utils
 from dera_t5x import integrity
@@ -162,6 +167,15 @@ def _stage_dir(path: pathlib.Path, settings: dict[str, Any]) -> str:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"stage {path}")
     return str(path)
+
+
+def _exported(model_dir: str, params: Params) -> Params:
+    """params, also written to `<model_dir>/params` (once) for the decode job,
+    chat and the trainers (`checkpoints.load_params`)."""
+    path = pathlib.Path(model_dir) / "params"
+    if not path.exists():
+        checkpoints.save_params(path, params)
+    return params
 
 
 def _check_lambdas(lambdas: Sequence[float]) -> tuple[float, ...]:
@@ -355,9 +369,10 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
                                          "trainer.make_schedule")}
     sft_key = integrity.fingerprint(sft_settings)
     sft_path = pathlib.Path(sft_dir).absolute() if sft_dir else out / "sft"
-    params_ref = timed("sft", lambda: sft.train_sft(
-        _stage_dir(sft_path, sft_settings), model_config=model_config, task_name=task_name,
-        feature_lengths=feature_lengths, seed=sft_seed))
+    sft_model_dir = _stage_dir(sft_path, sft_settings)
+    params_ref = timed("sft", lambda: _exported(sft_model_dir, sft.train_sft(
+        sft_model_dir, model_config=model_config, task_name=task_name,
+        feature_lengths=feature_lengths, seed=sft_seed)))
     named_rewards = {}  # evaluated beside the reward the models are aligned with
     select_by = "gold" if reward_kind == "gold_proxy" else None  # None: the aligned-with one
     if reward_kind == "length":
@@ -404,10 +419,10 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
         model_dir = _stage_dir(out / (f"{scope}_{name}" if scope else name),
                                rl_settings(beta_value, chosen, with_settings, scope))
         with gin.config_scope(scope) if scope else contextlib.nullcontext():
-            return chosen(model_dir, model=model, params_ref=params_ref,
-                          reward=with_reward or reward, beta=beta_value, task_name=task_name,
-                          feature_lengths=feature_lengths, max_decode_len=max_decode_len,
-                          seed=seed)
+            return _exported(model_dir, chosen(
+                model_dir, model=model, params_ref=params_ref, reward=with_reward or reward,
+                beta=beta_value, task_name=task_name, feature_lengths=feature_lengths,
+                max_decode_len=max_decode_len, seed=seed))
 
     base_key = integrity.fingerprint(rl_settings(beta))
     base_params = timed("rl_base", lambda: align(beta))
@@ -488,18 +503,20 @@ def run(output_dir: str, *, pipeline_name: str = gin.REQUIRED,
         distill_settings = {"stage": "distill", **common, "lambda": lam_d,
                             "max_decode_len": max_decode_len, "sft": sft_key,
                             "aligned": base_key, "gin": _gin_settings("distill.train_distill")}
+
+        def train_student():
+            model_dir = _stage_dir(out / f"distill_lambda_{lam_d:g}", distill_settings)
+            return _exported(model_dir, distill.train_distill(
+                model_dir, model=model, params_ref=params_ref, params_aligned=base_params,
+                lam=lam_d, data=distill.task_data(task_name, "train", feature_lengths),
+                max_decode_len=max_decode_len, seed=seed))
+
         distilled = _cached_json(
             out / f"distilled_{eval_split}.json",
             {"stage": "distilled", **eval_settings, "sft": sft_key, "aligned": base_key,
              "model": integrity.fingerprint(distill_settings), "lambda": lam_d},
             lambda: _distilled(evaluator, dera, params_ref, base_params, lam_d, eval_split, timed,
-                               lambda: distill.train_distill(
-                                   _stage_dir(out / f"distill_lambda_{lam_d:g}",
-                                              distill_settings),
-                                   model=model, params_ref=params_ref,
-                                   params_aligned=base_params, lam=lam_d,
-                                   data=distill.task_data(task_name, "train", feature_lengths),
-                                   max_decode_len=max_decode_len, seed=seed)))
+                               train_student))
 
     results = {
         "pipeline": pipeline_name, "reward": reward.name, "seed": seed, "beta": beta,

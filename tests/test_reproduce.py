@@ -6,6 +6,7 @@ import gin
 import numpy as np
 import pytest
 
+from dera_t5x import checkpoints
 from dera_t5x import evaluation
 from dera_t5x import gin_utils
 from dera_t5x import reproduce
@@ -70,6 +71,12 @@ def test_micro_pipeline_writes_a_report_with_the_trend(tmp_path):
     decode = distilled["decode"]
     assert decode["batch_size"] == 32 and decode["student_s"] > 0 and decode["dera_s"] > 0
     assert "One model at lambda 2 (distilled, TrRa)" in (tmp_path / "report.md").read_text()
+    # Every trained model is exported as a checkpoint the decode job reads.
+    exported = {name: checkpoints.restore_params(tmp_path / name / "params")
+                for name in ("sft", "rl_beta_1", "rl_beta_0.5", "distill_lambda_2")}
+    sft_kernel, rl_kernel = (exported[name]["decoder"]["logits_dense"]["kernel"]
+                             for name in ("sft", "rl_beta_1"))
+    assert sft_kernel.shape == rl_kernel.shape and not np.array_equal(sft_kernel, rl_kernel)
     # A rerun reuses every stage.
     gin_utils.parse(["gin/reproduce/length_reward_tiny.gin"], MICRO)
     try:
