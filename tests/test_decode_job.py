@@ -295,6 +295,10 @@ def test_a_finished_job_is_distillation_data_for_the_decoded_source(tmp_path, mo
     expected = decode_job.read_jsonl_inputs(str(input_file), VOCABULARY, text_field="document",
                                             prefix=tasks.PREFIX, inputs_length=32).tokens
     np.testing.assert_array_equal(data["inputs"], expected)
+    training = models.EncoderDecoderModel(network.T5Config(**{**CONFIG.__dict__,
+                                                              "dropout_rate": 0.1}))
+    np.testing.assert_array_equal(  # dropout is a training setting, not the architecture
+        distill.decoded_data(str(full_run.output), 2.0, training)["targets"], data["targets"])
     assert data["targets"].shape == (len(DOCS), SETTINGS["max_decode_len"])
     for row, ids in zip(data["targets"], samples):
         assert list(row[:len(ids)]) == ids and not row[len(ids):].any()

@@ -56,6 +56,9 @@ DATA_SOURCES = ("dataset", "dera_samples", "decoded")
 TEACHER_FORCED = ("dataset", "decoded")  # the sources whose responses are `targets`
 DEFAULT_DATA_SOURCE = "dera_samples"
 INITS = ("aligned", "reference")
+# Config fields a decode job and a distillation of the same model may differ in
+# (training dropout, the activations' dtype).
+_NOT_ARCHITECTURE = ("dropout_rate", "dtype")
 
 
 def check_lambda(lam: Any) -> float:
@@ -311,8 +314,9 @@ def decoded_data(output_file: str, lam: float, model: models.Model
     if sampling != {"temperature": 1.0, "top_k": 0, "top_p": 1.0}:
         raise ValueError(f"{output_file} was sampled with {sampling}: its samples are not the "
                          "mixture's own. Fix: decode with --temperature=1 --top_k=0 --top_p=1.")
-    ours, theirs = ({k: v for k, v in config.items() if k != "dtype"} for config in (
-        json.loads(json.dumps(dataclasses.asdict(model.config))), header["model_config"]))
+    ours, theirs = ({k: v for k, v in config.items() if k not in _NOT_ARCHITECTURE}
+                    for config in (json.loads(json.dumps(dataclasses.asdict(model.config))),
+                                   header["model_config"]))
     if ours != theirs:
         differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
         raise ValueError(f"{output_file} was decoded by another model (config fields "
