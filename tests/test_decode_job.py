@@ -338,7 +338,8 @@ def test_decoded_data_refuses_what_is_not_the_mixtures_samples(tmp_path, full_ru
                              model)
     deeper = models.EncoderDecoderModel(network.T5Config(**{**CONFIG.__dict__,
                                                             "num_decoder_layers": 2}))
-    with pytest.raises(ValueError, match=r"another model \(config fields \['num_decoder_layers'"):
+    with pytest.raises(ValueError, match=r"another model \(the file's config -> this "
+                                         r"model's: num_decoder_layers: 1 -> 2\)"):
         distill.decoded_data(str(output), 2.0, deeper)
     foreign = tmp_path / "foreign.jsonl"
     foreign.write_text('{"document": "not a decode output"}\n')

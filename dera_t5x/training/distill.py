@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import statistics
 import time
@@ -314,13 +313,12 @@ def decoded_data(output_file: str, lam: float, model: models.Model
     if sampling != {"temperature": 1.0, "top_k": 0, "top_p": 1.0}:
         raise ValueError(f"{output_file} was sampled with {sampling}: its samples are not the "
                          "mixture's own. Fix: decode with --temperature=1 --top_k=0 --top_p=1.")
-    ours, theirs = ({k: v for k, v in config.items() if k not in _NOT_ARCHITECTURE}
-                    for config in (json.loads(json.dumps(dataclasses.asdict(model.config))),
-                                   header["model_config"]))
-    if ours != theirs:
-        differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-        raise ValueError(f"{output_file} was decoded by another model (config fields "
-                         f"{differing} differ). Fix: distil the model the job decoded.")
+    differing = integrity.differences(header["model_config"], dataclasses.asdict(model.config),
+                                      lambda name: name in _NOT_ARCHITECTURE)
+    if differing:
+        raise ValueError(f"{output_file} was decoded by another model (the file's config -> "
+                         f"this model's: {'; '.join(differing)}). Fix: distil the model the "
+                         "job decoded.")
     inputs = decode_job.job_inputs(header)
     rows = [record for record in records if record["lambda"] == lam]
     targets = np.zeros((len(rows), header["max_decode_len"]), np.int32)
