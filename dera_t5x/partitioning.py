@@ -32,6 +32,8 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from dera_t5x.models import protocol
+
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
 
@@ -223,10 +225,8 @@ class Partitioner:
             spec = self._spec(axes, np.shape(leaf))
             return jax.lax.with_sharding_constraint(leaf, NamedSharding(self.mesh, spec))
 
-        def is_axes(x):
-            return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
-
-        return jax.tree_util.tree_map(constrain_leaf, logical_axes, tree, is_leaf=is_axes)
+        return jax.tree_util.tree_map(constrain_leaf, logical_axes, tree,
+                                      is_leaf=protocol.is_axes)
 
     def check_batch_size(self, batch_size: int) -> None:
         """A clear error when the global batch does not split over 'data'."""

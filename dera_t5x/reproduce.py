@@ -87,13 +87,13 @@ REWARD_KINDS = ("length", "gold_proxy")
 
 
 # Parameters of the trainers that do not change what a stage computes
-# (placement, how often it saves or evaluates, RL's rollout early exit and
-# response cut), and those the pipeline passes itself (so their gin bindings
+# (placement, how often it saves or evaluates, RL's rollout early exit,
+# response cut and prompts encoded once), and those the pipeline passes itself (so their gin bindings
 # are overridden).
 _NOT_STAGE_SETTINGS = frozenset({
     "mesh_shape", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batch_size",
-    "rouge_batches", "eval_split", "chunk_size", "response_bucket", "model_config",
-    "task_name", "feature_lengths", "seed",
+    "rouge_batches", "eval_split", "chunk_size", "response_bucket", "encode_prompts_once",
+    "model_config", "task_name", "feature_lengths", "seed",
     "max_decode_len", "beta", "config", "model", "model_params", "params_ref", "reward"})
 
 

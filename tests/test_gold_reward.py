@@ -142,6 +142,12 @@ def test_the_reward_runs_jitted_and_vmapped_over_lambdas_as_the_evaluator_calls_
     # Token rewards (RL) put the sequence reward on the last response token.
     token = np.asarray(jax.jit(reward.token_rewards)(reward.params, inputs, per_lambda[0]))
     np.testing.assert_allclose(token.sum(axis=1), out[0], atol=1e-6)
+    # RL with prompts encoded once passes one input row per prompt for its
+    # consecutive samples (`protocol.rows_per_input`): the same rewards.
+    once = np.asarray(jax.jit(reward.apply)(reward.params, inputs[:1], per_lambda[0]))
+    np.testing.assert_allclose(once, out[0], atol=1e-6)
+    with pytest.raises(ValueError, match="do not split evenly"):
+        reward.apply(reward.params, inputs, per_lambda[0][:1])
 
 
 def test_support_alone_is_the_unguarded_reward():

@@ -343,8 +343,8 @@ def test_resuming_under_changed_settings_is_refused_unless_allowed(tmp_path):
 
 
 def test_rl_resumes_with_the_rollout_cut_changed_but_not_with_another_beta(tmp_path):
-    """`RLConfig.chunk_size` and `response_bucket` change how a step is computed,
-    not what (`trainer.RESUMABLE_CHANGES`): a run recorded before they existed
+    """`RLConfig.chunk_size`, `response_bucket` and `encode_prompts_once` change
+    how a step is computed, not what (`trainer.RESUMABLE_CHANGES`): a run recorded before they existed
     resumes with them on; another beta is still refused."""
     config = network.T5Config(**{**SMALL.__dict__, "vocab_size": 4096})  # the task's ids
     model = models.EncoderDecoderModel(config)
@@ -352,19 +352,20 @@ def test_rl_resumes_with_the_rollout_cut_changed_but_not_with_another_beta(tmp_p
                   reward=rewards.length_reward(),
                   task_name="xsum_bundled", feature_lengths={"inputs": 8, "targets": 4},
                   batch_size=2, checkpoint_every=1)
-    rl.train_rl(str(tmp_path), num_steps=1, config=rl.RLConfig(beta=0.1, max_decode_len=4),
-                **kwargs)
+    rl.train_rl(str(tmp_path), num_steps=1,
+                config=rl.RLConfig(beta=0.1, max_decode_len=4, num_samples=2), **kwargs)
     recorded = json.loads((tmp_path / "run_settings.json").read_text())
-    for name in ("chunk_size", "response_bucket"):  # as an older version recorded it
-        del recorded["args"]["config"][name]
+    for name in ("chunk_size", "response_bucket", "encode_prompts_once"):  # as an older
+        del recorded["args"]["config"][name]                              # version recorded it
     (tmp_path / "run_settings.json").write_text(json.dumps(recorded))
     rl.train_rl(str(tmp_path), num_steps=2, config=rl.RLConfig(
-        beta=0.1, max_decode_len=4, chunk_size=2, response_bucket=2), **kwargs)
+        beta=0.1, max_decode_len=4, chunk_size=2, response_bucket=2, num_samples=2,
+        encode_prompts_once=True), **kwargs)
     assert trainer.Checkpointer(tmp_path).latest_step() == 2
     with pytest.raises(trainer.ChangedSettingsError,
                        match=r"changed: config\.beta: 0\.1 -> 0\.2\. Use"):
-        rl.train_rl(str(tmp_path), num_steps=3, config=rl.RLConfig(beta=0.2, max_decode_len=4),
-                    **kwargs)
+        rl.train_rl(str(tmp_path), num_steps=3,
+                    config=rl.RLConfig(beta=0.2, max_decode_len=4, num_samples=2), **kwargs)
 
 
 def test_sft_and_rl_refuse_a_zero_batch_size_before_writing(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 
 from dera_t5x import models
 from dera_t5x.models.t5 import network
+from dera_t5x.training import reward_model
 from dera_t5x.training import rewards
 from dera_t5x.training import rl
 
@@ -127,11 +128,45 @@ def test_early_exit_and_trimmed_responses_give_the_same_step(kl_estimator):
                            fast_params, params)
 
 
+@pytest.mark.parametrize("kl_estimator", ["k1", "full"])
+def test_prompts_encoded_once_give_the_same_step(kl_estimator):
+    """With `encode_prompts_once` the rollout batch keeps one row per prompt and
+    the policy, the reference and a learned reward read each prompt once for its
+    samples: the same responses and the same step up to float rounding."""
+    model = models.EncoderDecoderModel(CONFIG)
+    ref, policy = model.init(jax.random.PRNGKey(0)), model.init(jax.random.PRNGKey(1))
+    head = {"kernel": jax.random.normal(jax.random.PRNGKey(3), (CONFIG.emb_dim,)),
+            "bias": jnp.zeros(())}
+    reward = rewards.sum_of_rewards([rewards.length_reward(), reward_model.as_reward(
+        model, {"model": model.init(jax.random.PRNGKey(4)), "head": head})])
+    optimizer = rl.make_optimizer(policy_learning_rate=1e-2)
+    plain = rl.RLConfig(beta=0.1, max_decode_len=12, num_samples=3,
+                        normalize_advantages=True, kl_estimator=kl_estimator)
+    results = []
+    for config in (plain, rl.RLConfig(**{**plain.__dict__, "encode_prompts_once": True})):
+        steps = rl.make_step_functions(model, config, optimizer, reward)
+        params = rl.init_params(jax.tree_util.tree_map(jnp.copy, policy), CONFIG.emb_dim)
+        results.append((steps.rollout(params, PROMPTS[:4], jax.random.PRNGKey(2)),
+                        rl.rl_step(steps, config, params, optimizer.init(params), ref,
+                                   reward.params, PROMPTS[:4], jax.random.PRNGKey(2))))
+    ((prompts, responses), (params, _, metrics)), ((one_row, once), (once_params, _,
+                                                                     once_metrics)) = results
+    assert prompts.shape == (12, 4) and one_row.shape == (4, 4)
+    np.testing.assert_array_equal(once, responses)
+    assert abs(metrics["reward"]) > 0.1  # the learned reward is part of the step
+    for name in metrics:
+        assert once_metrics[name] == pytest.approx(metrics[name], rel=1e-4, abs=1e-5), name
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                           once_params, params)
+
+
 def test_bad_rollout_cut_settings_are_refused():
     for name in ("chunk_size", "response_bucket"):
         for value in (0, 2.5):
             with pytest.raises(ValueError, match=f"RLConfig.{name} must be an integer >= 1"):
                 rl.RLConfig(**{name: value})
+    with pytest.raises(ValueError, match="RLConfig.encode_prompts_once must be True or False"):
+        rl.RLConfig(encode_prompts_once="yes")
 
 
 def test_value_loss_falls_on_a_fixed_batch():

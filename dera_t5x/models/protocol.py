@@ -14,6 +14,14 @@ Decoding. `prefill` reads the inputs once and returns the logits of the first
 new token and the cache; `decode_step` feeds one token per row and returns
 the next logits. Where each row is (its position) lives in the cache, so rows
 of different prompt lengths share a batch; `decoding.sample` drives the two.
+
+Repeats. `response_states`, `token_log_probs`, `score` and `prefill` take
+`repeats` (default 1): each input row serves that many consecutive rows of
+responses [batch * repeats, len] (or of the decode cache), so k samples of
+one prompt read it once. T5 encodes it once; a decoder-only model prefills
+it once (its teacher-forced passes run prompt and response as one sequence
+and repeat the prompt). The result equals that of repeated inputs up to
+float rounding.
 """
 
 from __future__ import annotations
@@ -62,23 +70,23 @@ class Model(Protocol):
 
     def token_log_probs(self, params: Params, inputs: Array, responses: Array, *,
                         prompt_lengths: Array | None = None, dropout_rng: Array | None = None,
-                        exclude_banned: bool = False) -> Array:
+                        exclude_banned: bool = False, repeats: int = 1) -> Array:
         """log p(response_t | inputs, response_<t) [batch, len] float32, 0 after the end."""
 
     def score(self, params: Params, inputs: Array, responses: Array, *,
-              prompt_lengths: Array | None = None) -> Array:
+              prompt_lengths: Array | None = None, repeats: int = 1) -> Array:
         """Sequence log-likelihood [batch]."""
 
     def response_states(self, params: Params, inputs: Array, responses: Array, *,
-                        prompt_lengths: Array | None = None, dropout_rng: Array | None = None
-                        ) -> tuple[Array, Array]:
+                        prompt_lengths: Array | None = None, dropout_rng: Array | None = None,
+                        repeats: int = 1) -> tuple[Array, Array]:
         """(final hidden states [batch, len + 1, emb], logits [batch, len + 1, vocab]);
         position t has read the inputs and response_<t (it predicts response_t);
         position n has read the first n response tokens."""
 
     def prefill(self, params: Params, inputs: Array, max_decode_len: int, *,
-                prompt_lengths: Array | None = None) -> tuple[Array, Any]:
-        """(logits of the first new token [batch, vocab] float32, decode cache)."""
+                prompt_lengths: Array | None = None, repeats: int = 1) -> tuple[Array, Any]:
+        """(logits of the first new token [batch * repeats, vocab] float32, decode cache)."""
 
     def decode_step(self, params: Params, cache: Any, tokens: Array) -> tuple[Array, Any]:
         """tokens [batch] -> (next-token logits [batch, vocab] float32, cache)."""
@@ -104,6 +112,51 @@ def ban_tokens(logits: Array, banned_ids: Sequence[int]) -> Array:
     if not banned_ids:
         return logits
     return logits.at[..., np.asarray(banned_ids)].set(EXCLUDED_LOGIT)
+
+
+def check_repeats(inputs: Array, responses: Array | None, repeats: int) -> None:
+    """Raises ValueError unless `repeats` is an integer >= 1 and responses (when
+    given) have `repeats` rows per input row."""
+    if not (isinstance(repeats, int) and repeats >= 1):
+        raise ValueError(f"repeats must be an integer >= 1 (response rows per input row), "
+                         f"got {repeats!r}.")
+    if responses is not None and responses.shape[0] != inputs.shape[0] * repeats:
+        raise ValueError(f"{responses.shape[0]} response rows for {inputs.shape[0]} input rows "
+                         f"and repeats={repeats}: each input row serves `repeats` consecutive "
+                         "response rows.")
+
+
+def repeat_rows(x: Array | None, repeats: int) -> Array | None:
+    """Each row of x [batch, ...] `repeats` times in a row: [batch * repeats, ...]."""
+    return x if x is None or repeats == 1 else jnp.repeat(x, repeats, axis=0)
+
+
+def rows_per_input(inputs: Array, responses: Array) -> int:
+    """How many consecutive response rows each input row serves (the `repeats`
+    of callers that keep one row per prompt, as RL does for its samples)."""
+    repeats, remainder = divmod(responses.shape[0], inputs.shape[0])
+    if remainder or not repeats:
+        raise ValueError(f"{responses.shape[0]} response rows do not split evenly over "
+                         f"{inputs.shape[0]} input rows.")
+    return repeats
+
+
+def is_axes(x: Any) -> bool:
+    """Whether x is a leaf of a logical-axes tree (a tuple of names or None)."""
+    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def repeat_prefill(model: Model, logits: Array, cache: Any, repeats: int) -> tuple[Array, Any]:
+    """A prefill's (logits [batch, vocab], cache) with each row `repeats` times:
+    the cache's leaves whose first logical axis is 'batch' (`model.cache_axes`)."""
+    if repeats == 1:
+        return logits, cache
+
+    def repeat_leaf(axes, leaf):
+        return repeat_rows(leaf, repeats) if axes[:1] == ("batch",) else leaf
+
+    return repeat_rows(logits, repeats), jax.tree_util.tree_map(
+        repeat_leaf, model.cache_axes(cache), cache, is_leaf=is_axes)
 
 
 def first_argmax(x: Array) -> Array:

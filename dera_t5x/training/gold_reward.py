@@ -46,6 +46,7 @@ import numpy as np
 from dera_t5x import batching
 from dera_t5x import evaluation
 from dera_t5x import models
+from dera_t5x.models import protocol
 from dera_t5x.training import rewards
 
 Array = jax.Array
@@ -270,7 +271,9 @@ def faithfulness_reward(tables: Mapping[str, Any], *, target_length: float = 8.0
                     skip_decay=skip_decay, max_gap=max_gap)
 
     def apply(params, encoder_input_tokens, response_tokens):
-        terms = support_terms(params, encoder_input_tokens, response_tokens, **settings)
+        documents = protocol.repeat_rows(encoder_input_tokens, protocol.rows_per_input(
+            encoder_input_tokens, response_tokens))
+        terms = support_terms(params, documents, response_tokens, **settings)
         if not length_guard:
             return terms["support"]
         return terms["support"] * jnp.minimum(1.0, terms["num_words"] / target_length)

@@ -44,9 +44,12 @@ def init_params(model_params: Params, hidden_size: int) -> Params:
 
 def score(model: models.Model, params: Params, inputs: Array, response_tokens: Array,
           dropout_rng: Array | None = None) -> Array:
-    """Scalar rewards [batch] for responses [batch, len] (EOS included, then padding)."""
+    """Scalar rewards [batch] for responses [batch, len] (EOS included, then
+    padding) to inputs [batch / k, in_len], each the input of k consecutive
+    responses (`protocol.rows_per_input`)."""
     hidden, _ = model.response_states(params["model"], inputs, response_tokens,
-                                      dropout_rng=dropout_rng)
+                                      dropout_rng=dropout_rng,
+                                      repeats=protocol.rows_per_input(inputs, response_tokens))
     # Position n has read all n response tokens.
     last = protocol.response_lengths(response_tokens, model.eos_ids)
     return scalar_head.apply(params["head"],

@@ -26,9 +26,11 @@ class Reward:
 
     Attributes:
       name: shown in metrics.
-      apply: (params, encoder_input_tokens [batch, enc_len],
+      apply: (params, encoder_input_tokens [batch / k, enc_len],
         response_tokens [batch, dec_len]) -> [batch] float32. Responses hold
-        the sampled tokens, EOS included, 0 after the end.
+        the sampled tokens, EOS included, 0 after the end; each input row is
+        the input of k consecutive responses (`protocol.rows_per_input`; k is
+        1 unless RL keeps one row per prompt, `RLConfig.encode_prompts_once`).
       params: any pytree (None for rewards without parameters).
     """
 

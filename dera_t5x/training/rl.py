@@ -110,6 +110,11 @@ class RLConfig:
         longest, rounded up to a multiple of this many tokens (`trim`; one
         compile of the stages per width). The positions cut are padding: the
         result is the same up to float rounding. None keeps max_decode_len.
+      encode_prompts_once: read each prompt once for its num_samples
+        responses (the models' `repeats`: T5 encodes it once in the rollout,
+        the scoring and the update; the rollout batch keeps one row per
+        prompt). The same step up to float rounding, with the encoder's work
+        divided by num_samples.
     """
 
     beta: float = 0.05
@@ -126,6 +131,7 @@ class RLConfig:
     normalize_advantages: bool = False
     chunk_size: int | None = None
     response_bucket: int | None = None
+    encode_prompts_once: bool = False
 
     def __post_init__(self):
         if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta)
@@ -143,6 +149,9 @@ class RLConfig:
         for name in ("ppo_epochs", "num_samples", "max_decode_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RLConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        if not isinstance(self.encode_prompts_once, bool):
+            raise ValueError(f"RLConfig.encode_prompts_once must be True or False, got "
+                             f"{self.encode_prompts_once!r}.")
         for name, unset in (("chunk_size", "no early exit"),
                             ("response_bucket", "no trimming")):
             value = getattr(self, name)
@@ -260,8 +269,12 @@ def advantages_and_returns(config: RLConfig, task_rewards: Array, kl: Array, val
 def next_token_log_softmax(model: models.Model, params: Params, prompts: Array,
                            responses: Array) -> tuple[Array, Array]:
     """(hidden states [batch, len, emb], log-probs [batch, len, vocab]) of the
-    positions that predict each response token, banned ids excluded."""
-    hidden, logits = model.response_states(params, prompts, responses)
+    positions that predict each response token, banned ids excluded.
+
+    Prompts [batch / k, enc_len] serve k consecutive responses each
+    (`protocol.rows_per_input`; k = 1 when they are repeated already)."""
+    hidden, logits = model.response_states(params, prompts, responses,
+                                           repeats=protocol.rows_per_input(prompts, responses))
     hidden, logits = hidden[:, :-1], logits[:, :-1]  # the states that predict a response token
     return hidden, jax.nn.log_softmax(protocol.ban_tokens(logits, model.banned_ids), axis=-1)
 
@@ -290,7 +303,8 @@ def score_rollouts(model: models.Model, config: RLConfig, params: Params,
 
     Args:
       task_rewards: [batch, len] per-token rewards summing to r(x, y).
-      encoder_input_tokens: [batch, enc_len]; responses: [batch, len].
+      encoder_input_tokens: [batch / k, enc_len], each row the prompt of k
+        consecutive responses [batch, len] (`protocol.rows_per_input`).
       beta: the KL strength (default config.beta).
     Returns:
       a batch dict with the inputs, `old_log_probs`, `advantages`, `returns`
@@ -307,8 +321,9 @@ def score_rollouts(model: models.Model, config: RLConfig, params: Params,
                                                             encoder_input_tokens, responses)
         kl = token_kl(log_softmax, full["ref_log_softmax"]) * mask
     else:
-        ref_log_probs = model.token_log_probs(params_ref, encoder_input_tokens, responses,
-                                              exclude_banned=True)
+        ref_log_probs = model.token_log_probs(
+            params_ref, encoder_input_tokens, responses, exclude_banned=True,
+            repeats=protocol.rows_per_input(encoder_input_tokens, responses))
         kl = kl_per_token(log_probs, ref_log_probs, config.kl_estimator) * mask
     beta = config.beta if beta is None else beta
     advantages, returns, scale = advantages_and_returns(config, task_rewards, kl, values, mask,
@@ -401,8 +416,9 @@ class StepFunctions(NamedTuple):
     """The three jitted stages of an RL step (timed separately by bench/train.py)
     and the cut between the first two.
 
-    rollout(params, prompts [batch, enc_len], rng) -> (prompts repeated
-      num_samples times [batch * n, enc_len], responses [batch * n, len]).
+    rollout(params, prompts [batch, enc_len], rng) -> (prompts [batch * n,
+      enc_len], each repeated num_samples = n times, or [batch, enc_len] with
+      `encode_prompts_once`; responses [batch * n, len], n per prompt in a row).
     score(params, params_ref, reward_params, prompts, responses) -> batch dict.
     update(params, opt_state, batch) -> (params, opt_state, metrics).
     trim(responses) -> responses [batch * n, width <= len], on the host
@@ -443,13 +459,16 @@ def _jitted_steps(model: models.Model, config: RLConfig,
                   reward: rewards.Reward) -> StepFunctions:
     """`make_step_functions` with `score` taking beta (config.beta is not read)."""
 
+    repeats = config.num_samples if config.encode_prompts_once else 1
+
     @jax.jit
     def rollout(params, prompts, rng):
-        prompts = jnp.repeat(prompts, config.num_samples, axis=0)
+        prompts = jnp.repeat(prompts, config.num_samples // repeats, axis=0)
         out = model.predict(params["policy"], prompts, rng,
                             max_decode_len=config.max_decode_len,
                             temperature=config.temperature, top_k=config.top_k,
-                            top_p=config.top_p, chunk_size=config.chunk_size)
+                            top_p=config.top_p, chunk_size=config.chunk_size,
+                            repeats=repeats)
         return prompts, out.tokens
 
     @jax.jit

@@ -349,12 +349,13 @@ class ChangedSettingsError(ValueError):
 
 # Settings that may change when a run resumes: how long it trains, where it
 # runs, how often it saves and evaluates, and how it computes the same steps
-# (RL's rollout early exit and response cut: equal up to float rounding, as
-# another mesh is). A parameter of this name, in any configurable or nested
+# (RL's rollout early exit, response cut and prompts encoded once: equal up
+# to float rounding, as another mesh is). A parameter of this name, in any configurable or nested
 # in an argument (`config.chunk_size`), is not compared.
 RESUMABLE_CHANGES = frozenset({"num_steps", "mesh_shape", "checkpoint_every", "keep_checkpoints",
                                "eval_every", "eval_batch_size", "rouge_batches", "eval_split",
-                               "allow_changed_settings", "chunk_size", "response_bucket"})
+                               "allow_changed_settings", "chunk_size", "response_bucket",
+                               "encode_prompts_once"})
 # Configurables that are not a training run's settings: the pipelines key their
 # own stages (`reproduce`, `seeds`), placement (`partitioning`), the decode job.
 _NOT_RUN_SETTINGS = ("dera_t5x.reproduce.", "dera_t5x.seeds.", "dera_t5x.partitioning.",

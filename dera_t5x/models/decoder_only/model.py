@@ -11,6 +11,8 @@ Inputs are right-padded prompts [batch, in_len] with `prompt_lengths`
 sequence: the response's tokens sit after the prompt's padded slots, at
 rotary positions prompt_length + t, and the padding is never attended to,
 so no re-packing of rows is needed (see `network.decode_key_layout`).
+With `repeats` (see `protocol`), `prefill` runs each prompt once and
+repeats its cache; the teacher-forced passes repeat the prompts.
 
 These models have no dropout: `dropout_rng` is accepted and ignored.
 """
@@ -147,28 +149,37 @@ class DecoderOnlyModel:
         return self.module.apply({"params": params}, hidden,
                                  method=network.DecoderOnlyLM.logits_of)
 
+    def _repeated_prompts(self, inputs: Array, responses: Array, prompt_lengths: Array | None,
+                          repeats: int, method: str) -> tuple[Array, Array]:
+        """(inputs, prompt_lengths) with a row per response row."""
+        prompt_lengths = _require_prompt_lengths(prompt_lengths, method)
+        protocol.check_repeats(inputs, responses, repeats)
+        return protocol.repeat_rows(inputs, repeats), protocol.repeat_rows(prompt_lengths, repeats)
+
     def response_states(self, params: Params, inputs: Array, responses: Array, *,
-                        prompt_lengths: Array | None = None, dropout_rng: Array | None = None
-                        ) -> tuple[Array, Array]:
+                        prompt_lengths: Array | None = None, dropout_rng: Array | None = None,
+                        repeats: int = 1) -> tuple[Array, Array]:
         """(final-norm states [batch, len + 1, hidden], logits [batch, len + 1,
         vocab] float32); position t has read the prompt and response_<t."""
-        prompt_lengths = _require_prompt_lengths(prompt_lengths, "response_states")
+        inputs, prompt_lengths = self._repeated_prompts(inputs, responses, prompt_lengths,
+                                                        repeats, "response_states")
         hidden = self._joint_states(params, inputs, responses, prompt_lengths)
         return hidden, self._logits_of(params, hidden)
 
     def token_log_probs(self, params: Params, inputs: Array, responses: Array, *,
                         prompt_lengths: Array | None = None, dropout_rng: Array | None = None,
-                        exclude_banned: bool = False) -> Array:
+                        exclude_banned: bool = False, repeats: int = 1) -> Array:
         """log p(response_t | prompt, response_<t): [batch, len] float32, 0 after
         the first EOS (`protocol.response_mask`).
 
         Args:
-          inputs: right-padded prompts [batch, in_len].
+          inputs: right-padded prompts [batch / repeats, in_len].
           responses: [batch, len]; anything may follow the first EOS.
-          prompt_lengths: [batch], required.
+          prompt_lengths: [batch / repeats], required.
           exclude_banned: a no-op (no token is banned), kept for the protocol.
         """
-        prompt_lengths = _require_prompt_lengths(prompt_lengths, "token_log_probs")
+        inputs, prompt_lengths = self._repeated_prompts(inputs, responses, prompt_lengths,
+                                                        repeats, "token_log_probs")
         hidden = self._joint_states(params, inputs, responses, prompt_lengths)
         logits = self._logits_of(params, hidden[:, :-1])
         if exclude_banned:
@@ -179,22 +190,25 @@ class DecoderOnlyModel:
         return chosen * protocol.response_mask(responses, self.eos_ids)
 
     def score(self, params: Params, inputs: Array, responses: Array, *,
-              prompt_lengths: Array | None = None) -> Array:
+              prompt_lengths: Array | None = None, repeats: int = 1) -> Array:
         """Sequence log-likelihood [batch] float32 (through the first EOS)."""
         return jnp.sum(self.token_log_probs(params, inputs, responses,
-                                            prompt_lengths=prompt_lengths), axis=-1)
+                                            prompt_lengths=prompt_lengths, repeats=repeats),
+                       axis=-1)
 
     def prefill(self, params: Params, inputs: Array, max_decode_len: int, *,
-                prompt_lengths: Array | None = None) -> tuple[Array, dict]:
+                prompt_lengths: Array | None = None, repeats: int = 1) -> tuple[Array, dict]:
         """Runs the right-padded prompts once: (logits of the first new token
-        [batch, vocab] float32, cache: the prompt's keys / values, read-only
-        from here on, and a buffer of max_decode_len slots for the new tokens';
-        see `network`)."""
+        [batch * repeats, vocab] float32, cache: the prompt's keys / values,
+        read-only from here on, and a buffer of max_decode_len slots for the
+        new tokens'; see `network`), each prompt's rows `repeats` times."""
         prompt_lengths = _require_prompt_lengths(prompt_lengths, "prefill")
+        protocol.check_repeats(inputs, None, repeats)
         self._check_length(inputs.shape[1] + max_decode_len,
                            "The prompt plus max_decode_len")
-        return self.module.apply({"params": params}, inputs.astype(jnp.int32), prompt_lengths,
-                                 max_decode_len, method=network.DecoderOnlyLM.prefill)
+        return protocol.repeat_prefill(self, *self.module.apply(
+            {"params": params}, inputs.astype(jnp.int32), prompt_lengths, max_decode_len,
+            method=network.DecoderOnlyLM.prefill), repeats)
 
     def decode_step(self, params: Params, cache: dict, tokens: Array) -> tuple[Array, dict]:
         """tokens [batch] -> (next-token logits [batch, vocab] float32, cache).
@@ -205,18 +219,21 @@ class DecoderOnlyModel:
     def predict(self, params: Params, inputs: Array, rng: Array, *,
                 prompt_lengths: Array, max_decode_len: int,
                 temperature: float | Array = 0.0, top_k: int = 0,
-                top_p: float = 1.0, chunk_size: int | None = None) -> decoding.DecodeOutput:
+                top_p: float = 1.0, chunk_size: int | None = None,
+                repeats: int = 1) -> decoding.DecodeOutput:
         """Samples (greedy by default) continuations of right-padded prompts with
         the cached loop; call under `jax.jit` (max_decode_len, top_k, top_p,
-        chunk_size static; `decoding.sample`)."""
+        chunk_size, repeats static; `decoding.sample`). `repeats` samples per
+        prompt, consecutive rows."""
         logits, cache = self.prefill(params, inputs, max_decode_len,
-                                     prompt_lengths=prompt_lengths)
+                                     prompt_lengths=prompt_lengths, repeats=repeats)
 
         def tokens_to_logits(tokens, cache):
             logits, cache = self.decode_step(params, cache, tokens)
             return protocol.ban_tokens(logits, self.banned_ids), cache, {}
 
-        return decoding.sample(tokens_to_logits, cache, rng, batch_size=inputs.shape[0],
+        return decoding.sample(tokens_to_logits, cache, rng,
+                               batch_size=inputs.shape[0] * repeats,
                                max_decode_len=max_decode_len, eos_id=self.eos_ids or -1,
                                initial=(protocol.ban_tokens(logits, self.banned_ids), {}),
                                temperature=temperature, top_k=top_k, top_p=top_p,

@@ -97,16 +97,18 @@ class EncoderDecoderModel:
                                  rngs=rngs)
 
     def response_states(self, params: Params, inputs: Array, responses: Array, *,
-                        prompt_lengths: Array | None = None, dropout_rng: Array | None = None
-                        ) -> tuple[Array, Array]:
+                        prompt_lengths: Array | None = None, dropout_rng: Array | None = None,
+                        repeats: int = 1) -> tuple[Array, Array]:
         """Final decoder states [batch, len + 1, emb] and logits [batch, len + 1, vocab]
-        of `[start] + responses`: position t has read response_<t."""
+        of `[start] + responses`: position t has read response_<t. Each input row is
+        encoded once for its `repeats` response rows (one dropout draw for them)."""
         _no_prompt_lengths(prompt_lengths)
+        protocol.check_repeats(inputs, responses, repeats)
         start = jnp.full((responses.shape[0], 1), DECODER_START_ID, responses.dtype)
         rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
         return self.module.apply({"params": params}, inputs,
                                  jnp.concatenate([start, responses], axis=1),
-                                 deterministic=dropout_rng is None, rngs=rngs,
+                                 deterministic=dropout_rng is None, repeats=repeats, rngs=rngs,
                                  method=network.Transformer.hidden_and_logits)
 
     def loss(self, params: Params, batch: Mapping[str, Array],
@@ -132,11 +134,11 @@ class EncoderDecoderModel:
 
     def token_log_probs(self, params: Params, inputs: Array, responses: Array, *,
                         prompt_lengths: Array | None = None, dropout_rng: Array | None = None,
-                        exclude_banned: bool = False) -> Array:
+                        exclude_banned: bool = False, repeats: int = 1) -> Array:
         """log p(target_t | input, target_<t): [batch, dec_len] float32, 0 on padding.
 
         Args:
-          inputs: encoder input tokens [batch, enc_len].
+          inputs: encoder input tokens [batch / repeats, enc_len].
           responses: decoder targets [batch, dec_len], 0-padded.
           exclude_banned: p is the distribution generation samples from
             (padding excluded); without it, the network's full softmax.
@@ -144,7 +146,8 @@ class EncoderDecoderModel:
         # Through response_states, as the RL policy reads its log-probs: the
         # same computation, so a policy equal to its reference has KL 0 exactly.
         _, logits = self.response_states(params, inputs, responses,
-                                         prompt_lengths=prompt_lengths, dropout_rng=dropout_rng)
+                                         prompt_lengths=prompt_lengths, dropout_rng=dropout_rng,
+                                         repeats=repeats)
         logits = logits[:, :-1]
         if exclude_banned:
             logits = exclude_padding(logits)
@@ -153,10 +156,11 @@ class EncoderDecoderModel:
         return jnp.where(responses > 0, chosen, 0.0)
 
     def score(self, params: Params, inputs: Array, responses: Array, *,
-              prompt_lengths: Array | None = None) -> Array:
+              prompt_lengths: Array | None = None, repeats: int = 1) -> Array:
         """Sequence log-likelihood [batch] float32."""
         return jnp.sum(self.token_log_probs(params, inputs, responses,
-                                            prompt_lengths=prompt_lengths), axis=-1)
+                                            prompt_lengths=prompt_lengths, repeats=repeats),
+                       axis=-1)
 
     def init_decode_cache(self, params: Params, encoder_input_tokens: Array,
                           max_decode_len: int) -> dict:
@@ -171,27 +175,30 @@ class EncoderDecoderModel:
                                  method=network.Transformer.decode_step)
 
     def prefill(self, params: Params, inputs: Array, max_decode_len: int, *,
-                prompt_lengths: Array | None = None) -> tuple[Array, dict]:
-        """The encoder pass and the first decoder step (the start token):
-        (logits [batch, vocab] float32, cache)."""
+                prompt_lengths: Array | None = None, repeats: int = 1) -> tuple[Array, dict]:
+        """The encoder pass and the first decoder step (the start token), once
+        per input row: (logits [batch * repeats, vocab] float32, cache)."""
         _no_prompt_lengths(prompt_lengths)
+        protocol.check_repeats(inputs, None, repeats)
         cache = self.init_decode_cache(params, inputs, max_decode_len)
         start = jnp.full((inputs.shape[0],), DECODER_START_ID, jnp.int32)
-        return self.decode_step(params, cache, start)
+        return protocol.repeat_prefill(self, *self.decode_step(params, cache, start), repeats)
 
     def predict(self, params: Params, encoder_input_tokens: Array, rng: Array, *,
                 max_decode_len: int, temperature: float | Array = 0.0, top_k: int = 0,
-                top_p: float = 1.0, chunk_size: int | None = None,
+                top_p: float = 1.0, chunk_size: int | None = None, repeats: int = 1,
                 partitioner: Any = None) -> decoding.DecodeOutput:
         """Samples (greedy by default) with the cached loop; call under `jax.jit`
-        (max_decode_len, top_k, top_p, chunk_size static; `decoding.sample`).
+        (max_decode_len, top_k, top_p, chunk_size, repeats static;
+        `decoding.sample`). `repeats` samples per input row, consecutive rows.
 
         Padding is never generated (see `exclude_padding`). With a
         `partitioning.Partitioner` the decode cache follows `cache_axes` (rows
         over 'data', heads over 'model'); placing params and inputs is the
         caller's (`partitioner.shard_params`, `shard_batch`).
         """
-        logits, cache = self.prefill(params, encoder_input_tokens, max_decode_len)
+        logits, cache = self.prefill(params, encoder_input_tokens, max_decode_len,
+                                     repeats=repeats)
         if partitioner is not None:
             cache = partitioner.constrain(cache, self.cache_axes(cache))
 
@@ -200,7 +207,7 @@ class EncoderDecoderModel:
             return exclude_padding(logits), cache, {}
 
         return decoding.sample(tokens_to_logits, cache, rng,
-                               batch_size=encoder_input_tokens.shape[0],
+                               batch_size=encoder_input_tokens.shape[0] * repeats,
                                max_decode_len=max_decode_len, eos_id=EOS_ID,
                                initial=(exclude_padding(logits), {}), temperature=temperature,
                                top_k=top_k, top_p=top_p, chunk_size=chunk_size)

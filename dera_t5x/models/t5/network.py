@@ -424,11 +424,17 @@ class Transformer(nn.Module):
         return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, deterministic)
 
     def hidden_and_logits(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
-                          deterministic: bool = True) -> tuple[Array, Array]:
-        """Final decoder hidden states [batch, dec_len, emb] and their float32 logits."""
+                          deterministic: bool = True, repeats: int = 1
+                          ) -> tuple[Array, Array]:
+        """Final decoder hidden states [batch, dec_len, emb] and their float32 logits;
+        encoder inputs [batch / repeats, enc_len], each encoded once for `repeats`
+        consecutive decoder rows."""
         encoded = self.encode(encoder_input_tokens, deterministic)
-        hidden = self.decoder(encoded, encoder_input_tokens > 0, decoder_input_tokens,
-                              deterministic)
+        encoder_mask = encoder_input_tokens > 0
+        if repeats > 1:
+            encoded = jnp.repeat(encoded, repeats, axis=0)
+            encoder_mask = jnp.repeat(encoder_mask, repeats, axis=0)
+        hidden = self.decoder(encoded, encoder_mask, decoder_input_tokens, deterministic)
         return hidden, self.decoder.logits(hidden)
 
     def init_cache(self, encoded: Array, encoder_input_tokens: Array,
