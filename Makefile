@@ -38,7 +38,7 @@ demo-dpo: install
 
 # A proxy reward model trained on gold-labelled pairs, RL against it, DeRa vs
 # retrained RL scored by proxy and gold, an oracle RL run on gold, lambda chosen by
-# gold (CPU, about 26 minutes on 2 cores).
+# gold (CPU, about 22 minutes on 2 cores).
 GOLD_DIR ?= runs/gold_proxy_tiny
 demo-gold: install
 	$(PY) -m dera_t5x.reproduce --gin_file=gin/reproduce/gold_proxy_tiny.gin \

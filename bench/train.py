@@ -15,6 +15,9 @@ per shape, then one JSON line of all figures. Not a test: timings are noisy.
 
 It also splits one RL step (REINFORCE, batch prompts, `--targets` sampled
 tokens) into rollout, scoring and update, so the cost of each is visible.
+With `--rl_samples=k` (k > 1 samples a prompt) it times the step twice, the
+prompts repeated k times and read once (`RLConfig.encode_prompts_once`), and
+prints the ratio of the two steps' times.
 
 `--dtype bfloat16` runs our activations in bfloat16 (params stay float32)
 and PyTorch under bfloat16 autocast; meant for accelerators.
@@ -118,14 +121,17 @@ def bench_shape(shape: str, batch_size: int, inputs: int, targets: int, reps: in
             "first_loss_torch": peer_first_loss}
 
 
-def bench_rl_step(shape: str, batch_size: int, inputs: int, targets: int, reps: int) -> dict:
-    """Seconds per RL step split into rollout (sampling `targets` tokens),
-    scoring (policy and reference log-probs, values, advantages) and update."""
+def bench_rl_step(shape: str, batch_size: int, inputs: int, targets: int, reps: int,
+                  num_samples: int = 1, encode_prompts_once: bool = False) -> dict:
+    """Seconds per RL step split into rollout (sampling `targets` tokens for
+    each of `num_samples` samples a prompt), scoring (policy and reference
+    log-probs, values, advantages) and update."""
     with tempfile.TemporaryDirectory() as tmp:
         common.random_hf_t5(shape, pathlib.Path(tmp))
         config, params = checkpoints.load_hf_t5(pathlib.Path(tmp))
     model = models.EncoderDecoderModel(config)
-    rl_config = rl.RLConfig(beta=0.1, max_decode_len=targets)
+    rl_config = rl.RLConfig(beta=0.1, max_decode_len=targets, num_samples=num_samples,
+                            encode_prompts_once=encode_prompts_once)
     optimizer = rl.make_optimizer(1e-5, 1e-4)
     steps = rl.make_step_functions(model, rl_config, optimizer, rewards.length_reward())
     state = {"params": rl.init_params(jax.tree_util.tree_map(jnp.copy, params),
@@ -163,12 +169,15 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=128)
     parser.add_argument("--targets", type=int, default=32)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--rl_samples", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--torch_device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     unknown = set(args.shapes.split(",")) - set(common.SHAPES)
     if unknown:
         parser.error(f"unknown shapes {sorted(unknown)}; choose from {sorted(common.SHAPES)}.")
+    if args.rl_samples < 1:
+        parser.error(f"--rl_samples must be >= 1, got {args.rl_samples}.")
     peak = matmul_peak_flops(args.dtype)
     print(f"matmul peak ({args.dtype}, {jax.devices()[0].platform}): {peak / 1e9:.1f} GFLOP/s",
           flush=True)
@@ -184,12 +193,21 @@ def main() -> None:
               f"{100 * r['mfu']:.1f}%; first-step loss {r['first_loss_ours']:.4f} vs "
               f"{r['first_loss_torch']:.4f}", flush=True)
         figures.update({f"{shape}_{k}": v for k, v in r.items()})
-        r = bench_rl_step(shape, args.batch, args.inputs, args.targets, args.reps)
-        print(f"{shape} RL step: rollout {r['rl_rollout_s']:.3f}s "
-              f"({100 * r['rl_rollout_share']:.0f}%), scoring {r['rl_scoring_s']:.3f}s "
-              f"({100 * r['rl_scoring_share']:.0f}%), update {r['rl_update_s']:.3f}s "
-              f"({100 * r['rl_update_share']:.0f}%)", flush=True)
-        figures.update({f"{shape}_{k}": v for k, v in r.items()})
+        variants = {"": False} if args.rl_samples == 1 else {"": False, "once_": True}
+        for prefix, once in variants.items():
+            r = bench_rl_step(shape, args.batch, args.inputs, args.targets, args.reps,
+                              args.rl_samples, once)
+            print(f"{shape} RL step{', prompts encoded once' if once else ''}: rollout "
+                  f"{r['rl_rollout_s']:.3f}s ({100 * r['rl_rollout_share']:.0f}%), scoring "
+                  f"{r['rl_scoring_s']:.3f}s ({100 * r['rl_scoring_share']:.0f}%), update "
+                  f"{r['rl_update_s']:.3f}s ({100 * r['rl_update_share']:.0f}%)", flush=True)
+            figures.update({f"{shape}_{prefix}{k}": v for k, v in r.items()})
+        if args.rl_samples > 1:
+            step_s = {p: sum(figures[f"{shape}_{p}rl_{k}_s"]
+                             for k in ("rollout", "scoring", "update")) for p in variants}
+            figures[f"{shape}_rl_once_over_plain"] = step_s["once_"] / step_s[""]
+            print(f"{shape} RL step with {args.rl_samples} samples a prompt: encoded once / "
+                  f"repeated {figures[f'{shape}_rl_once_over_plain']:.2f}x", flush=True)
     figures["mfu"] = figures.get("t5_small_mfu", figures.get(f"{shape}_mfu"))
     print(json.dumps(figures))
 
