@@ -152,9 +152,8 @@ def test_cache_and_joint_scoring_match_teacher_forcing(cache_case):
         logits_t, cache = step(params, cache, jnp.asarray(responses[:, t]))
         np.testing.assert_allclose(np.asarray(logits_t), expected[:, t + 1], atol=1e-4, rtol=0,
                                    err_msg=f"{name}, decode step {t}")
-    is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None)))
-                                                     for a in x)
-    axes, treedef = jax.tree_util.tree_flatten(model.cache_axes(cache), is_leaf=is_axes)
+    axes, treedef = jax.tree_util.tree_flatten(model.cache_axes(cache),
+                                               is_leaf=protocol.is_axes)
     assert treedef == jax.tree_util.tree_structure(cache)
     assert [len(a) for a in axes] == [np.ndim(v) for v in jax.tree_util.tree_leaves(cache)]
 

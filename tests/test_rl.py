@@ -281,16 +281,23 @@ _EIGHT_DEVICES = textwrap.dedent("""
             lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
                                                     rtol=1e-4, atol=1e-5), params, reference)
         print(shape, "ok", history[-1])
+    # Prompts encoded once for their samples, on the mesh: the same steps.
+    rl_config = rl.RLConfig(beta=0.1, max_decode_len=6, num_samples=2, encode_prompts_once=True)
+    steps = rl.make_step_functions(model, rl_config, optimizer, rewards.length_reward())
+    params, history = run(partitioning.Partitioner((4, 2), model.param_axes))
+    np.testing.assert_allclose(history, ref_history, rtol=1e-4, atol=1e-5)
+    print("encoded once", "ok", history[-1])
 """)
 
 
 @pytest.mark.slow
 def test_rl_steps_on_eight_devices_match_one():
     """Policy, value head, optimizer state and reference on a (data, model)
-    mesh, prompts split over 'data': the same rollouts, metrics and params."""
+    mesh, prompts split over 'data': the same rollouts, metrics and params,
+    also with the prompts encoded once for their samples."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count(" ok ") == 2, result.stdout
+    assert result.stdout.count(" ok ") == 3, result.stdout
