@@ -10,6 +10,7 @@ import pytest
 
 import t5_factories
 from dera_t5x import models
+from dera_t5x.models.decoder_only import network as decoder_only_network
 from dera_t5x.training import dpo
 from dera_t5x.training import preference_pairs
 from dera_t5x.training import rewards
@@ -221,3 +222,47 @@ def test_bad_pairs_and_settings_are_refused_before_anything_is_written(micro, tm
         dpo.train_dpo(str(tmp_path / "run"), model=model, params_ref=params, pairs=pairs,
                       **{"beta": 0.5, **change}, num_steps=1)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_decoder_only_model_learns_preferences_with_prompt_lengths(tmp_path):
+    """Pairs of right-padded prompts with `prompt_lengths`: the padding is never
+    read, DPO learns the preference, and pairs without lengths or with lengths
+    outside the inputs are refused before anything is written."""
+    config = decoder_only_network.DecoderOnlyConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+        num_kv_heads=1, head_dim=8, max_position_embeddings=16, eos_token_ids=(2,))
+    model = models.for_config(config)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda s: rng.normal(0, 0.3, s.shape).astype(np.float32),
+                                    jax.eval_shape(model.init, jax.random.PRNGKey(0)))
+    lengths = rng.integers(2, 7, 16).astype(np.int32)
+    pairs = {"inputs": rng.integers(3, 40, (16, 6)).astype(np.int32),
+             "prompt_lengths": lengths,
+             "chosen": np.tile(np.array([[5, 9, 2, 0]], np.int32), (16, 1)),
+             "rejected": np.tile(np.array([[7, 2, 0, 0]], np.int32), (16, 1)),
+             "preference": np.ones(16, np.float32)}
+    junk = dict(pairs, inputs=np.where(np.arange(6) < lengths[:, None], pairs["inputs"],
+                                       rng.integers(3, 40, (16, 6))).astype(np.int32))
+    logps = jax.jit(lambda p, b: dpo.pair_logps(model, p, b))
+    np.testing.assert_array_equal(logps(params, pairs), logps(params, junk))
+    # Sequence log-probs through the first EOS: the chosen rows' first three tokens.
+    full = [model.logits(params, jnp.asarray(np.concatenate(
+        [pairs["inputs"][b, :lengths[b]], pairs["chosen"][b, :3]]))[None])[0] for b in (0, 1)]
+    for b, logits in enumerate(full):
+        start = lengths[b] - 1
+        log_probs = jax.nn.log_softmax(logits[start:start + 3])
+        expected = float(jnp.sum(log_probs[jnp.arange(3), pairs["chosen"][b, :3]]))
+        assert float(logps(params, pairs)[0][b]) == pytest.approx(expected, abs=1e-4)
+    assert dpo.preference_accuracy(model, params, params, pairs, beta=0.5) == 0.0
+    trained = dpo.train_dpo(str(tmp_path / "run"), model=model, params_ref=params,
+                            pairs=pairs, beta=0.5, batch_size=8, num_steps=20,
+                            checkpoint_every=20, optimizer=optax.adam(1e-2))
+    assert dpo.preference_accuracy(model, trained, params, pairs, beta=0.5) == 1.0
+    without = {k: v for k, v in pairs.items() if k != "prompt_lengths"}
+    for bad, message in ((without, "needs prompt_lengths"),
+                         (dict(pairs, prompt_lengths=np.where(lengths > 3, 0, lengths)),
+                          r"prompt_lengths must be integers in \[1, 6\]")):
+        with pytest.raises(ValueError, match=message):
+            dpo.train_dpo(str(tmp_path / "bad"), model=model, params_ref=params, pairs=bad,
+                          beta=0.5, num_steps=1)
+        assert not (tmp_path / "bad").exists()

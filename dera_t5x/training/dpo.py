@@ -18,6 +18,10 @@ preferred) is eps = 1 - p. Sequence log-probs include the EOS and follow the
 model's banned-token rule (the distribution generation samples from).
 Metrics carry TRL's names: rewards/chosen, rewards/rejected,
 rewards/accuracies, rewards/margins, logps/chosen, logps/rejected.
+
+Any model of the protocol: pairs for a decoder-only model hold right-padded
+prompts as `inputs` and their `prompt_lengths` [num_pairs] (the optional
+`PROMPT_FEATURE`, which T5 pairs do not have).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ Params = Any
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 # The arrays a DPO dataset holds, each [num_pairs, ...].
 PAIR_FEATURES = ("inputs", "chosen", "rejected", "preference")
+# A decoder-only model's pairs also hold each prompt's length, [num_pairs].
+PROMPT_FEATURE = "prompt_lengths"
 
 
 def dpo_loss(policy_chosen_logps: Array, policy_rejected_logps: Array,
@@ -85,10 +91,12 @@ def check_settings(beta: float, loss_type: str) -> None:
 
 
 def sequence_logps(model: models.Model, params: Params, inputs: Array, responses: Array, *,
-                   average: bool = False) -> Array:
+                   average: bool = False, prompt_lengths: Array | None = None) -> Array:
     """log pi(response | input) [batch], EOS included, banned ids excluded;
-    the per-token mean when `average` (IPO)."""
-    token_logps = model.token_log_probs(params, inputs, responses, exclude_banned=True)
+    the per-token mean when `average` (IPO). `prompt_lengths` [batch]: a
+    decoder-only model's."""
+    token_logps = model.token_log_probs(params, inputs, responses, exclude_banned=True,
+                                        prompt_lengths=prompt_lengths)
     total = jnp.sum(token_logps, axis=-1)
     if not average:
         return total
@@ -101,7 +109,10 @@ def pair_logps(model: models.Model, params: Params, batch: Mapping[str, Array], 
     """(chosen, rejected) sequence log-probs [batch] in one forward pass over both."""
     inputs = jnp.concatenate([batch["inputs"], batch["inputs"]], axis=0)
     responses = jnp.concatenate([batch["chosen"], batch["rejected"]], axis=0)
-    return jnp.split(sequence_logps(model, params, inputs, responses, average=average), 2)
+    lengths = batch.get(PROMPT_FEATURE)
+    lengths = None if lengths is None else jnp.concatenate([lengths, lengths], axis=0)
+    return jnp.split(sequence_logps(model, params, inputs, responses, average=average,
+                                    prompt_lengths=lengths), 2)
 
 
 def loss_fn(model: models.Model, params: Params, batch: Mapping[str, Array], *, beta: float,
@@ -111,7 +122,8 @@ def loss_fn(model: models.Model, params: Params, batch: Mapping[str, Array], *, 
     Args:
       batch: `inputs`, `chosen`, `rejected` [batch, len]; `preference` [batch]
         (the probability that chosen is preferred: 1 for hard labels);
-        `ref_chosen_logps`, `ref_rejected_logps` [batch].
+        `ref_chosen_logps`, `ref_rejected_logps` [batch]; for a decoder-only
+        model `prompt_lengths` [batch].
     """
     chosen, rejected = pair_logps(model, params, batch, average=loss_type == "ipo")
     losses, chosen_rewards, rejected_rewards = dpo_loss(
@@ -135,7 +147,8 @@ def check_pairs(pairs: Mapping[str, np.ndarray], model: models.Model) -> None:
 
     Raises:
       ValueError: missing features, different row counts, a preference
-        outside [0, 1], an empty response (a row that starts with padding,
+        outside [0, 1], prompt lengths outside [1, inputs width], an empty
+        response (a row that starts with padding,
         a banned id: no token at all; the EOS alone is a valid response),
         or a pair whose
         chosen and rejected responses are identical (its gradient is zero and,
@@ -144,9 +157,18 @@ def check_pairs(pairs: Mapping[str, np.ndarray], model: models.Model) -> None:
     missing = [name for name in PAIR_FEATURES if name not in pairs]
     if missing:
         raise ValueError(f"DPO pairs lack {missing}; they need {PAIR_FEATURES}.")
-    rows = {name: len(pairs[name]) for name in PAIR_FEATURES}
+    rows = {name: len(pairs[name]) for name in (*PAIR_FEATURES, PROMPT_FEATURE)
+            if name in pairs}
     if len(set(rows.values())) != 1 or not rows["inputs"]:
         raise ValueError(f"DPO pairs must be non-empty with one row per pair, got {rows}.")
+    if PROMPT_FEATURE in pairs:
+        lengths = np.asarray(pairs[PROMPT_FEATURE])
+        width = np.shape(pairs["inputs"])[1]
+        bad = ~((lengths >= 1) & (lengths <= width))
+        if not np.issubdtype(lengths.dtype, np.integer) or lengths.ndim != 1 or np.any(bad):
+            raise ValueError(f"DPO prompt_lengths must be integers in [1, {width}] (the "
+                             f"inputs' width), one per pair; got {lengths[bad][:3].tolist()} "
+                             f"(dtype {lengths.dtype}, shape {lengths.shape}).")
     preference = np.asarray(pairs["preference"], np.float64)
     bad = ~((preference >= 0) & (preference <= 1))
     if np.any(bad):
@@ -171,7 +193,8 @@ def reference_logps(model: models.Model, params_ref: Params, pairs: Mapping[str,
     fn = jax.jit(lambda p, b: pair_logps(model, p, b, average=average))
     chosen, rejected = [], []
     for batch, mask in batching.eval_batches(
-            {k: pairs[k] for k in ("inputs", "chosen", "rejected")}, batch_size):
+            {k: pairs[k] for k in ("inputs", "chosen", "rejected", PROMPT_FEATURE)
+             if k in pairs}, batch_size):
         c, r = fn(params_ref, batch)
         chosen.append(np.asarray(c)[mask])
         rejected.append(np.asarray(r)[mask])
@@ -231,7 +254,8 @@ def train_dpo(model_dir: str, *, model: models.Model, params_ref: Params,
     if partitioner is not None:
         partitioner.check_batch_size(batch_size)
     average = loss_type == "ipo"
-    arrays = {name: np.asarray(pairs[name]) for name in PAIR_FEATURES}
+    arrays = {name: np.asarray(pairs[name]) for name in (*PAIR_FEATURES, PROMPT_FEATURE)
+              if name in pairs}
     arrays["preference"] = arrays["preference"].astype(np.float32)
     if reference_per_step:
         def batch_loss(params, batch, rng):
