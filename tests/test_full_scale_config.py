@@ -29,6 +29,7 @@ def test_t5_small_xsum_recipe_builds():
         # Every configurable the pipeline calls can be built from the bindings.
         rl_config = gin.query_parameter("rl.train_rl.config").scoped_configurable_fn()
         assert isinstance(rl_config, rl.RLConfig)
+        assert rl_config.num_samples == 2 and rl_config.encode_prompts_once
         assert gin.query_parameter("sft.train_sft.optimizer").scoped_configurable_fn()
         assert gin.query_parameter("rl.train_rl.optimizer").scoped_configurable_fn()
         assert callable(sft.train_sft)
