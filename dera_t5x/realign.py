@@ -119,13 +119,14 @@ def _temperature_argument(temperature: float | Array) -> Array | None:
 
 
 def _prefill(model: models.Model, params_ref: Params, params_aligned: Params, inputs: Array,
-             prompt_lengths: Array | None, max_decode_len: int,
+             prompt_lengths: Array | None, max_decode_len: int, num_samples: int,
              partitioner: partitioning.Partitioner | None) -> tuple[dict, dict]:
-    """Both models' first logits and caches: ({'ref', 'aligned'} logits, caches)."""
+    """Both models' first logits and caches: ({'ref', 'aligned'} logits, caches),
+    num_samples rows per input."""
     logits, caches = {}, {}
     for name, params in (("ref", params_ref), ("aligned", params_aligned)):
         logits[name], cache = model.prefill(params, inputs, max_decode_len,
-                                            prompt_lengths=prompt_lengths)
+                                            prompt_lengths=prompt_lengths, repeats=num_samples)
         if partitioner is not None:
             cache = partitioner.constrain(cache, model.cache_axes(cache))
         caches[name] = cache
@@ -144,25 +145,26 @@ def _sample(model, params_ref, params_aligned, first_logits, cache, lam, rng, te
     return _as_output(out)
 
 
-_STATIC = ("model", "max_decode_len", "top_k", "top_p", "chunk_size", "partitioner")
+_STATIC = ("model", "max_decode_len", "top_k", "top_p", "chunk_size", "num_samples",
+           "partitioner")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _decode(model, params_ref, params_aligned, inputs, prompt_lengths, lam, rng, temperature, *,
-            partitioner, **static):
+            num_samples, partitioner, **static):
     first_logits, cache = _prefill(model, params_ref, params_aligned, inputs, prompt_lengths,
-                                   static["max_decode_len"], partitioner)
+                                   static["max_decode_len"], num_samples, partitioner)
     return _sample(model, params_ref, params_aligned, first_logits, cache, lam, rng, temperature,
                    **static)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _sweep(model, params_ref, params_aligned, inputs, prompt_lengths, lambdas, rng, temperature,
-           *, partitioner, **static):
+           *, num_samples, partitioner, **static):
     # The inputs' pass (encoder or prompt prefill): once per parameter set.
     first_logits, cache = _prefill(model, params_ref, params_aligned, inputs, prompt_lengths,
-                                   static["max_decode_len"], partitioner)
-    batch = inputs.shape[0]
+                                   static["max_decode_len"], num_samples, partitioner)
+    batch = inputs.shape[0] * num_samples
 
     def decode_one(lam_value):
         lam = jnp.full((batch,), lam_value, jnp.float32)
@@ -260,7 +262,7 @@ def dera_decode(model: models.Model, params_ref: Params, params_aligned: Params,
                 inputs: Array, lam: Array | float, *, max_decode_len: int,
                 rng: Array, temperature: float | Array = 1.0, top_k: int = 0,
                 top_p: float = 1.0, chunk_size: int | None = None,
-                prompt_lengths: Array | None = None,
+                prompt_lengths: Array | None = None, num_samples: int = 1,
                 partitioner: partitioning.Partitioner | None = None) -> DeraOutput:
     """DeRa sampling with a per-example lambda, in one compiled call.
 
@@ -270,17 +272,21 @@ def dera_decode(model: models.Model, params_ref: Params, params_aligned: Params,
       params_aligned: the aligned (RL / DPO) parameters.
       inputs: [batch, in_len] int32: T5's encoder input (0 is padding), or a
         decoder-only model's right-padded prompts.
-      lam: [batch] float (a scalar is broadcast); finite.
-      temperature: scalar or [batch]; 0 is greedy.
+      lam: [batch * num_samples] float (a scalar is broadcast); finite.
+      temperature: scalar or [batch * num_samples]; 0 is greedy.
       chunk_size: None decodes all steps; an int stops between chunks of that
         many steps once every row has ended (identical results, see
         `decoding.sample`).
       prompt_lengths: [batch] prompt lengths for a decoder-only model; None for T5.
+      num_samples: samples per input, consecutive output rows ([batch *
+        num_samples]); each input is read once for them (the models'
+        `repeats`).
       partitioner: a `partitioning.Partitioner`: rows over 'data', parameters
         and caches over 'model'; None runs on the default device.
     """
     inputs, prompt_lengths = _check_tokens(inputs, model, prompt_lengths)
-    lam = _check_lambda(lam, (inputs.shape[0],), "lam")
+    protocol.check_repeats(inputs, None, num_samples, "num_samples")
+    lam = _check_lambda(lam, (inputs.shape[0] * num_samples,), "lam")
     check_compatible(model, params_ref, params_aligned)
     decoding.check_lengths(max_decode_len)
     params_ref, params_aligned, rows, shared = _place(
@@ -290,14 +296,14 @@ def dera_decode(model: models.Model, params_ref: Params, params_aligned: Params,
     return _decode(model, params_ref, params_aligned, rows["inputs"], rows["prompt_lengths"],
                    rows["lam"], shared["rng"], shared["temperature"],
                    max_decode_len=max_decode_len, top_k=top_k, top_p=top_p,
-                   chunk_size=chunk_size, partitioner=partitioner)
+                   chunk_size=chunk_size, num_samples=num_samples, partitioner=partitioner)
 
 
 def dera_sweep(model: models.Model, params_ref: Params, params_aligned: Params,
                inputs: Array, lambdas: Array, *, max_decode_len: int, rng: Array,
                temperature: float | Array = 1.0, top_k: int = 0,
                top_p: float = 1.0, chunk_size: int | None = None,
-               prompt_lengths: Array | None = None,
+               prompt_lengths: Array | None = None, num_samples: int = 1,
                partitioner: partitioning.Partitioner | None = None) -> DeraOutput:
     """DeRa for K lambda values in one compiled call; outputs get a leading [K] axis.
 
@@ -310,6 +316,7 @@ def dera_sweep(model: models.Model, params_ref: Params, params_aligned: Params,
       (the others as `dera_decode`)
     """
     inputs, prompt_lengths = _check_tokens(inputs, model, prompt_lengths)
+    protocol.check_repeats(inputs, None, num_samples, "num_samples")
     lambdas_shape = np.shape(lambdas)
     if len(lambdas_shape) != 1 or lambdas_shape[0] == 0:
         raise ValueError(f"lambdas must be a non-empty 1-D array [K], got shape {lambdas_shape}.")
@@ -323,7 +330,7 @@ def dera_sweep(model: models.Model, params_ref: Params, params_aligned: Params,
     return _sweep(model, params_ref, params_aligned, rows["inputs"], rows["prompt_lengths"],
                   shared["lambdas"], shared["rng"], shared["temperature"],
                   max_decode_len=max_decode_len, top_k=top_k, top_p=top_p,
-                  chunk_size=chunk_size, partitioner=partitioner)
+                  chunk_size=chunk_size, num_samples=num_samples, partitioner=partitioner)
 
 
 def sweep_batches(model: models.Model, params_ref: Params, params_aligned: Params,

@@ -139,6 +139,33 @@ def test_mix_logits_broadcasts_per_example():
     assert out.dtype == jnp.float32
 
 
+def test_several_samples_per_input_read_each_input_once(setup):
+    """num_samples = 2: the rows of repeated inputs (same rng), each input
+    encoded once per parameter set; a per-row lambda covers every sample."""
+    model, params_ref, params_aligned, tokens = setup
+    kwargs = dict(max_decode_len=MAX_LEN, rng=jax.random.PRNGKey(9))
+    repeated = jnp.repeat(tokens, 2, axis=0)
+    sweep = realign.dera_sweep(model, params_ref, params_aligned, tokens, [0.0, 2.0],
+                               num_samples=2, **kwargs)
+    expected = realign.dera_sweep(model, params_ref, params_aligned, repeated, [0.0, 2.0],
+                                  **kwargs)
+    assert sweep.tokens.shape == (2, 8, MAX_LEN)
+    np.testing.assert_array_equal(sweep.tokens, expected.tokens)
+    np.testing.assert_allclose(sweep.mixed_log_probs, expected.mixed_log_probs, atol=1e-5)
+    assert not np.array_equal(sweep.tokens[1, 0], sweep.tokens[1, 1])  # two samples
+    lams = np.tile(np.array([0.0, 3.0], np.float32), 4)
+    one = realign.dera_decode(model, params_ref, params_aligned, tokens, lams, num_samples=2,
+                              **kwargs)
+    np.testing.assert_array_equal(one.tokens, realign.dera_decode(
+        model, params_ref, params_aligned, repeated, lams, **kwargs).tokens)
+    with pytest.raises(ValueError, match=r"lam must have shape \(8,\)"):
+        realign.dera_decode(model, params_ref, params_aligned, tokens, np.ones(4),
+                            num_samples=2, **kwargs)
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
+        realign.dera_sweep(model, params_ref, params_aligned, tokens, [1.0], num_samples=0,
+                           **kwargs)
+
+
 def test_bad_input(setup):
     model, params_ref, params_aligned, tokens = setup
     kwargs = dict(max_decode_len=MAX_LEN, rng=jax.random.PRNGKey(0))

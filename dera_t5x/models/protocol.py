@@ -114,11 +114,12 @@ def ban_tokens(logits: Array, banned_ids: Sequence[int]) -> Array:
     return logits.at[..., np.asarray(banned_ids)].set(EXCLUDED_LOGIT)
 
 
-def check_repeats(inputs: Array, responses: Array | None, repeats: int) -> None:
-    """Raises ValueError unless `repeats` is an integer >= 1 and responses (when
-    given) have `repeats` rows per input row."""
+def check_repeats(inputs: Array, responses: Array | None, repeats: int,
+                  name: str = "repeats") -> None:
+    """Raises ValueError unless `repeats` (called `name` in the message) is an
+    integer >= 1 and responses (when given) have `repeats` rows per input row."""
     if not (isinstance(repeats, int) and repeats >= 1):
-        raise ValueError(f"repeats must be an integer >= 1 (response rows per input row), "
+        raise ValueError(f"{name} must be an integer >= 1 (output rows per input row), "
                          f"got {repeats!r}.")
     if responses is not None and responses.shape[0] != inputs.shape[0] * repeats:
         raise ValueError(f"{responses.shape[0]} response rows for {inputs.shape[0]} input rows "
