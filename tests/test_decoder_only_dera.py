@@ -211,7 +211,7 @@ def test_sweep_shares_the_prompt_cache(tmp_path_factory):
     traced = realign._sweep.trace(
         model, params_ref, params_aligned, jnp.asarray(prompts), jnp.asarray(PROMPT_LENGTHS),
         jnp.zeros(k), jax.random.PRNGKey(0), None, partitioner=None, max_decode_len=new,
-        top_k=0, top_p=1.0, chunk_size=None)
+        top_k=0, top_p=1.0, chunk_size=None, num_samples=1)
     shapes = {tuple(sorted(s)) for s in _avals(traced.jaxpr.jaxpr)}
     kv = (config.num_kv_heads, config.head_dim)
     assert len({batch, prompt_len, new, k, *kv}) == 6  # the sizes tell the axes apart
