@@ -147,7 +147,8 @@ def bench_rl_step(shape: str, batch_size: int, inputs: int, targets: int, reps: 
 
     def score():
         out["batch"] = jax.block_until_ready(
-            steps.score(state["params"], params, None, *out["rollout"]))
+            steps.score(state["params"], params, None, out["rollout"][0], out["rollout"][2],
+                        prompt_lengths=out["rollout"][1]))
 
     def update():
         state["params"], state["opt_state"], metrics = steps.update(

@@ -261,7 +261,7 @@ def test_a_decoder_only_model_learns_preferences_with_prompt_lengths(tmp_path):
     without = {k: v for k, v in pairs.items() if k != "prompt_lengths"}
     for bad, message in ((without, "needs prompt_lengths"),
                          (dict(pairs, prompt_lengths=np.where(lengths > 3, 0, lengths)),
-                          r"prompt_lengths must be integers in \[1, 6\]")):
+                          r"prompt_lengths must lie in \[1, 6\]")):
         with pytest.raises(ValueError, match=message):
             dpo.train_dpo(str(tmp_path / "bad"), model=model, params_ref=params, pairs=bad,
                           beta=0.5, num_steps=1)

@@ -72,7 +72,7 @@ def test_kl_is_zero_when_the_policy_is_the_reference():
     config = rl.RLConfig(beta=0.1, max_decode_len=6, kl_estimator="k3")
     steps = rl.make_step_functions(model, config, rl.make_optimizer(), rewards.length_reward())
     params = rl.init_params(ref, CONFIG.emb_dim)
-    prompts, responses = steps.rollout(params, PROMPTS[:16], jax.random.PRNGKey(0))
+    prompts, _, responses = steps.rollout(params, PROMPTS[:16], jax.random.PRNGKey(0))
     batch = steps.score(params, ref, None, prompts, responses)
     assert float(jnp.sum(batch["length"])) > 16
     np.testing.assert_array_equal(batch["kl"], 0.0)
@@ -87,7 +87,7 @@ def test_runs_at_two_betas_share_compiled_steps_and_score_with_their_own_beta():
     assert steps[0].rollout is steps[1].rollout and steps[0].update is steps[1].update
     assert steps[0].score.func is steps[1].score.func
     params = rl.init_params(policy, CONFIG.emb_dim)
-    prompts, responses = steps[0].rollout(params, PROMPTS[:8], jax.random.PRNGKey(0))
+    prompts, _, responses = steps[0].rollout(params, PROMPTS[:8], jax.random.PRNGKey(0))
     for beta, fns in zip((0.1, 2.0), steps):
         batch = fns.score(params, ref, None, prompts, responses)
         assert np.all(np.asarray(batch["kl"]) != 0)
@@ -110,7 +110,7 @@ def test_early_exit_and_trimmed_responses_give_the_same_step(kl_estimator):
     for config in (plain, fast):
         steps = rl.make_step_functions(model, config, optimizer, reward)
         params = rl.init_params(jax.tree_util.tree_map(jnp.copy, policy), CONFIG.emb_dim)
-        _, responses = steps.rollout(params, PROMPTS[:8], jax.random.PRNGKey(2))
+        _, _, responses = steps.rollout(params, PROMPTS[:8], jax.random.PRNGKey(2))
         results.append((responses, steps.trim(responses),
                         rl.rl_step(steps, config, params, optimizer.init(params), ref, None,
                                    PROMPTS[:8], jax.random.PRNGKey(2))))
@@ -149,8 +149,8 @@ def test_prompts_encoded_once_give_the_same_step(kl_estimator):
         results.append((steps.rollout(params, PROMPTS[:4], jax.random.PRNGKey(2)),
                         rl.rl_step(steps, config, params, optimizer.init(params), ref,
                                    reward.params, PROMPTS[:4], jax.random.PRNGKey(2))))
-    ((prompts, responses), (params, _, metrics)), ((one_row, once), (once_params, _,
-                                                                     once_metrics)) = results
+    ((prompts, _, responses), (params, _, metrics)), ((one_row, _, once),
+                                                      (once_params, _, once_metrics)) = results
     assert prompts.shape == (12, 4) and one_row.shape == (4, 4)
     np.testing.assert_array_equal(once, responses)
     assert abs(metrics["reward"]) > 0.1  # the learned reward is part of the step
@@ -177,7 +177,7 @@ def test_value_loss_falls_on_a_fixed_batch():
     steps = rl.make_step_functions(model, config, optimizer, rewards.length_reward())
     params = rl.init_params(ref, CONFIG.emb_dim)
     opt_state = optimizer.init(params)
-    prompts, responses = steps.rollout(params, PROMPTS[:32], jax.random.PRNGKey(0))
+    prompts, _, responses = steps.rollout(params, PROMPTS[:32], jax.random.PRNGKey(0))
     batch = steps.score(params, ref, None, prompts, responses)
     losses = []
     for _ in range(50):

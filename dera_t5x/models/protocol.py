@@ -127,6 +127,21 @@ def check_repeats(inputs: Array, responses: Array | None, repeats: int,
                          "response rows.")
 
 
+def check_prompt_lengths(prompt_lengths: Any, inputs: Any, what: str) -> None:
+    """Raises ValueError (naming `what`, e.g. "DPO prompt_lengths") unless
+    prompt_lengths is a 1-D integer array with one entry per row of inputs
+    [rows, width], each in [1, width]."""
+    lengths, width = np.asarray(prompt_lengths), np.shape(inputs)[1]
+    if (lengths.ndim != 1 or len(lengths) != np.shape(inputs)[0]
+            or not np.issubdtype(lengths.dtype, np.integer)):
+        raise ValueError(f"{what} must be integers, one per input row ({np.shape(inputs)[0]}); "
+                         f"got dtype {lengths.dtype}, shape {lengths.shape}.")
+    bad = ~((lengths >= 1) & (lengths <= width))
+    if np.any(bad):
+        raise ValueError(f"{what} must lie in [1, {width}] (the inputs' width); row "
+                         f"{int(np.argmax(bad))} has {int(lengths[np.argmax(bad)])}.")
+
+
 def repeat_rows(x: Array | None, repeats: int) -> Array | None:
     """Each row of x [batch, ...] `repeats` times in a row: [batch * repeats, ...]."""
     return x if x is None or repeats == 1 else jnp.repeat(x, repeats, axis=0)

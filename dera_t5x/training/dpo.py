@@ -162,13 +162,8 @@ def check_pairs(pairs: Mapping[str, np.ndarray], model: models.Model) -> None:
     if len(set(rows.values())) != 1 or not rows["inputs"]:
         raise ValueError(f"DPO pairs must be non-empty with one row per pair, got {rows}.")
     if PROMPT_FEATURE in pairs:
-        lengths = np.asarray(pairs[PROMPT_FEATURE])
-        width = np.shape(pairs["inputs"])[1]
-        bad = ~((lengths >= 1) & (lengths <= width))
-        if not np.issubdtype(lengths.dtype, np.integer) or lengths.ndim != 1 or np.any(bad):
-            raise ValueError(f"DPO prompt_lengths must be integers in [1, {width}] (the "
-                             f"inputs' width), one per pair; got {lengths[bad][:3].tolist()} "
-                             f"(dtype {lengths.dtype}, shape {lengths.shape}).")
+        protocol.check_prompt_lengths(pairs[PROMPT_FEATURE], pairs["inputs"],
+                                      "DPO prompt_lengths")
     preference = np.asarray(pairs["preference"], np.float64)
     bad = ~((preference >= 0) & (preference <= 1))
     if np.any(bad):

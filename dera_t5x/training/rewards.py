@@ -32,29 +32,35 @@ class Reward:
         the input of k consecutive responses (`protocol.rows_per_input`; k is
         1 unless RL keeps one row per prompt, `RLConfig.encode_prompts_once`).
       params: any pytree (None for rewards without parameters).
+      per_token: for a reward that is a sum over tokens, (params, inputs,
+        responses, eos_ids) -> [batch, dec_len], the per-token terms, given
+        the policy's end-of-response ids.
     """
 
     name: str
     apply: Callable[[Any, Array, Array], Array]
     params: Any = None
-    per_token: Callable[[Any, Array, Array], Array] | None = None
+    per_token: Callable[[Any, Array, Array, Sequence[int]], Array] | None = None
 
     def __call__(self, encoder_input_tokens: Array, response_tokens: Array) -> Array:
         return self.apply(self.params, encoder_input_tokens, response_tokens)
 
     def token_rewards(self, params: Any, encoder_input_tokens: Array,
-                      response_tokens: Array) -> Array:
+                      response_tokens: Array, eos_ids: Sequence[int] = (models.EOS_ID,)
+                      ) -> Array:
         """Per-token rewards [batch, dec_len] summing to the sequence reward.
 
         A reward that is a sum over tokens (`per_token`) credits each token
         as it is generated, which lowers the variance of policy gradients
         without changing the objective; any other reward sits on the last
-        response token.
+        response token (the first of `eos_ids`, the policy's, or the last
+        token of a response cut at the decode limit).
         """
         if self.per_token is not None:
-            return self.per_token(params, encoder_input_tokens, response_tokens)
+            return self.per_token(params, encoder_input_tokens, response_tokens, eos_ids)
         sequence = self.apply(params, encoder_input_tokens, response_tokens)
-        return at_last_token(sequence.astype(jnp.float32), response_tokens != 0)
+        return at_last_token(sequence.astype(jnp.float32),
+                             protocol.response_mask(response_tokens, eos_ids))
 
 
 def at_last_token(sequence_reward: Array, mask: Array) -> Array:
@@ -83,14 +89,17 @@ def response_length(response_tokens: Array, eos_ids: Sequence[int] = (models.EOS
 
 @gin.configurable
 def length_reward(scale: float = 1.0, eos_ids: Sequence[int] = (models.EOS_ID,)) -> Reward:
-    """r(x, y) = scale * response_length(y); no cap beyond the decode length."""
+    """r(x, y) = scale * response_length(y); no cap beyond the decode length.
 
-    def per_token(params, encoder_input_tokens, response_tokens):
+    `eos_ids` end a response for `apply` (evaluation); in RL the policy's own
+    end-of-response ids do (`Reward.token_rewards`)."""
+
+    def per_token(params, encoder_input_tokens, response_tokens, policy_eos_ids):
         del params, encoder_input_tokens
-        return scale * summary_tokens(response_tokens, eos_ids)
+        return scale * summary_tokens(response_tokens, policy_eos_ids)
 
     return Reward(name="length",
-                  apply=lambda *args: jnp.sum(per_token(*args), axis=-1),
+                  apply=lambda params, x, y: jnp.sum(per_token(params, x, y, eos_ids), axis=-1),
                   per_token=per_token)
 
 
@@ -106,8 +115,8 @@ def sum_of_rewards(rewards: Sequence[Reward], weights: Sequence[float] | None = 
         return sum(w * r.apply(p, encoder_input_tokens, response_tokens)
                    for w, r, p in zip(weights, rewards, params))
 
-    def per_token(params, encoder_input_tokens, response_tokens):
-        return sum(w * r.token_rewards(p, encoder_input_tokens, response_tokens)
+    def per_token(params, encoder_input_tokens, response_tokens, eos_ids):
+        return sum(w * r.token_rewards(p, encoder_input_tokens, response_tokens, eos_ids)
                    for w, r, p in zip(weights, rewards, params))
 
     return Reward(name="+".join(r.name for r in rewards), apply=apply,

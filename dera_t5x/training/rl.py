@@ -267,27 +267,31 @@ def advantages_and_returns(config: RLConfig, task_rewards: Array, kl: Array, val
 
 
 def next_token_log_softmax(model: models.Model, params: Params, prompts: Array,
-                           responses: Array) -> tuple[Array, Array]:
+                           responses: Array, prompt_lengths: Array | None = None
+                           ) -> tuple[Array, Array]:
     """(hidden states [batch, len, emb], log-probs [batch, len, vocab]) of the
     positions that predict each response token, banned ids excluded.
 
-    Prompts [batch / k, enc_len] serve k consecutive responses each
+    Prompts [batch / k, in_len] (with `prompt_lengths` [batch / k] for a
+    decoder-only model) serve k consecutive responses each
     (`protocol.rows_per_input`; k = 1 when they are repeated already)."""
     hidden, logits = model.response_states(params, prompts, responses,
+                                           prompt_lengths=prompt_lengths,
                                            repeats=protocol.rows_per_input(prompts, responses))
     hidden, logits = hidden[:, :-1], logits[:, :-1]  # the states that predict a response token
     return hidden, jax.nn.log_softmax(protocol.ban_tokens(logits, model.banned_ids), axis=-1)
 
 
-def policy_outputs(model: models.Model, params: Params, prompts: Array, responses: Array
-                   ) -> tuple[Array, Array, Array, Array]:
+def policy_outputs(model: models.Model, params: Params, prompts: Array, responses: Array,
+                   prompt_lengths: Array | None = None) -> tuple[Array, Array, Array, Array]:
     """Teacher-forced log-probs of the responses, values and entropies, [batch, len]
     each, and the next-token log-probs [batch, len, vocab].
 
     Values are V(x, y_<t), predicted before token t is chosen. Log-probs and
     entropies are those of the sampling distribution (banned ids excluded).
     """
-    hidden, log_softmax = next_token_log_softmax(model, params["policy"], prompts, responses)
+    hidden, log_softmax = next_token_log_softmax(model, params["policy"], prompts, responses,
+                                                 prompt_lengths)
     mask = protocol.response_mask(responses, model.eos_ids)
     log_probs = jnp.take_along_axis(log_softmax, responses[..., None], -1)[..., 0] * mask
     entropy = -jnp.sum(jnp.exp(log_softmax) * log_softmax, axis=-1) * mask
@@ -298,37 +302,42 @@ def policy_outputs(model: models.Model, params: Params, prompts: Array, response
 def score_rollouts(model: models.Model, config: RLConfig, params: Params,
                    params_ref: Params, task_rewards: Array,
                    encoder_input_tokens: Array, responses: Array,
-                   beta: float | Array | None = None) -> dict[str, Array]:
+                   beta: float | Array | None = None,
+                   prompt_lengths: Array | None = None) -> dict[str, Array]:
     """Everything the update needs, computed once per rollout batch.
 
     Args:
       task_rewards: [batch, len] per-token rewards summing to r(x, y).
-      encoder_input_tokens: [batch / k, enc_len], each row the prompt of k
+      encoder_input_tokens: [batch / k, in_len], each row the prompt of k
         consecutive responses [batch, len] (`protocol.rows_per_input`).
       beta: the KL strength (default config.beta).
+      prompt_lengths: [batch / k], a decoder-only model's (None for T5).
     Returns:
-      a batch dict with the inputs, `old_log_probs`, `advantages`, `returns`
+      a batch dict with the inputs (and `prompt_lengths` when given),
+      `old_log_probs`, `advantages`, `returns`
       ([batch, len]) and per-sequence `reward`, `kl`, `objective`
       (reward - beta * kl), `length`, `entropy`; with the "full" estimator
       also `ref_log_softmax` [batch, len, vocab] and `kl_coef` (`kl_loss`).
     """
     log_probs, values, entropy, log_softmax = policy_outputs(model, params, encoder_input_tokens,
-                                                             responses)
+                                                             responses, prompt_lengths)
     mask = protocol.response_mask(responses, model.eos_ids)
-    full = {}
+    full = {} if prompt_lengths is None else {"prompt_lengths": prompt_lengths}
     if config.kl_estimator == "full":
         _, full["ref_log_softmax"] = next_token_log_softmax(model, params_ref,
-                                                            encoder_input_tokens, responses)
+                                                            encoder_input_tokens, responses,
+                                                            prompt_lengths)
         kl = token_kl(log_softmax, full["ref_log_softmax"]) * mask
     else:
         ref_log_probs = model.token_log_probs(
             params_ref, encoder_input_tokens, responses, exclude_banned=True,
+            prompt_lengths=prompt_lengths,
             repeats=protocol.rows_per_input(encoder_input_tokens, responses))
         kl = kl_per_token(log_probs, ref_log_probs, config.kl_estimator) * mask
     beta = config.beta if beta is None else beta
     advantages, returns, scale = advantages_and_returns(config, task_rewards, kl, values, mask,
                                                         beta)
-    if full:
+    if config.kl_estimator == "full":
         full["kl_coef"] = beta * scale
     reward, sequence_kl = jnp.sum(task_rewards * mask, axis=1), jnp.sum(kl, axis=1)
     return {
@@ -378,7 +387,8 @@ def loss(model: models.Model, config: RLConfig, params: Params,
     """
     log_probs, values, _, log_softmax = policy_outputs(model, params,
                                                        batch["encoder_input_tokens"],
-                                                       batch["responses"])
+                                                       batch["responses"],
+                                                       batch.get("prompt_lengths"))
     mask = protocol.response_mask(batch["responses"], model.eos_ids)
     num_tokens = jnp.maximum(jnp.sum(mask), 1.0)
     pg_loss, clip_fraction = policy_loss(config, log_probs, batch["old_log_probs"],
@@ -416,10 +426,13 @@ class StepFunctions(NamedTuple):
     """The three jitted stages of an RL step (timed separately by bench/train.py)
     and the cut between the first two.
 
-    rollout(params, prompts [batch, enc_len], rng) -> (prompts [batch * n,
-      enc_len], each repeated num_samples = n times, or [batch, enc_len] with
-      `encode_prompts_once`; responses [batch * n, len], n per prompt in a row).
-    score(params, params_ref, reward_params, prompts, responses) -> batch dict.
+    rollout(params, prompts [batch, in_len], rng, prompt_lengths [batch] or
+      None (T5)) -> (prompts [batch * n, in_len], each repeated num_samples =
+      n times, or [batch, in_len] with `encode_prompts_once`; their
+      prompt_lengths likewise, or None; responses [batch * n, len], n per
+      prompt in a row).
+    score(params, params_ref, reward_params, prompts, responses,
+      prompt_lengths=None) -> batch dict.
     update(params, opt_state, batch) -> (params, opt_state, metrics).
     trim(responses) -> responses [batch * n, width <= len], on the host
       (`RLConfig.response_bucket`), between rollout and score.
@@ -462,20 +475,22 @@ def _jitted_steps(model: models.Model, config: RLConfig,
     repeats = config.num_samples if config.encode_prompts_once else 1
 
     @jax.jit
-    def rollout(params, prompts, rng):
-        prompts = jnp.repeat(prompts, config.num_samples // repeats, axis=0)
-        out = model.predict(params["policy"], prompts, rng,
+    def rollout(params, prompts, rng, prompt_lengths=None):
+        prompts, prompt_lengths = (protocol.repeat_rows(x, config.num_samples // repeats)
+                                   for x in (prompts, prompt_lengths))
+        out = model.predict(params["policy"], prompts, rng, prompt_lengths=prompt_lengths,
                             max_decode_len=config.max_decode_len,
                             temperature=config.temperature, top_k=config.top_k,
                             top_p=config.top_p, chunk_size=config.chunk_size,
                             repeats=repeats)
-        return prompts, out.tokens
+        return prompts, prompt_lengths, out.tokens
 
     @jax.jit
-    def score(params, params_ref, reward_params, prompts, responses, beta):
-        task_rewards = reward.token_rewards(reward_params, prompts, responses)
+    def score(params, params_ref, reward_params, prompts, responses, beta,
+              prompt_lengths=None):
+        task_rewards = reward.token_rewards(reward_params, prompts, responses, model.eos_ids)
         return score_rollouts(model, config, params, params_ref, task_rewards, prompts,
-                              responses, beta)
+                              responses, beta, prompt_lengths)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def update(params, opt_state, batch):
@@ -495,20 +510,58 @@ def _jitted_steps(model: models.Model, config: RLConfig,
 
 
 def rl_step(steps: StepFunctions, config: RLConfig, params: Params, opt_state: Any,
-            params_ref: Params, reward_params: Any, prompts: Array, rng: Array
+            params_ref: Params, reward_params: Any, prompts: Array, rng: Array,
+            prompt_lengths: Array | None = None
             ) -> tuple[Params, Any, dict[str, float] | None]:
-    """One rollout, its cut (`trim`), scoring and `updates_per_rollout` updates.
+    """One rollout, its cut (`trim`), scoring and `updates_per_rollout` updates
+    (prompts [batch, in_len]; a decoder-only model's `prompt_lengths` [batch]).
 
     Returns (params, opt_state, metrics), with metrics None and nothing applied
     when the reward was not finite for some response (the caller counts the skip).
     """
-    prompts, responses = steps.rollout(params, prompts, rng)
-    batch = steps.score(params, params_ref, reward_params, prompts, steps.trim(responses))
+    prompts, prompt_lengths, responses = steps.rollout(params, prompts, rng, prompt_lengths)
+    batch = steps.score(params, params_ref, reward_params, prompts, steps.trim(responses),
+                        prompt_lengths=prompt_lengths)
     if not bool(jnp.all(jnp.isfinite(batch["reward"]))):  # a replicated scalar on a mesh
         return params, opt_state, None
     for _ in range(config.updates_per_rollout):
         params, opt_state, metrics = steps.update(params, opt_state, batch)
     return params, opt_state, {k: float(v) for k, v in metrics.items()}
+
+
+PROMPT_FEATURE = "prompt_lengths"
+
+
+def _prompt_arrays(task_name: str | None, feature_lengths: dict[str, int] | None,
+                   prompts: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """RL's prompts as batchable arrays ('encoder_input_tokens' and, when
+    given, 'prompt_lengths'), from the task or from `prompts`.
+
+    Raises:
+      ValueError: both or neither source, or prompts that are not 2-D integer
+        `inputs` with valid `prompt_lengths`.
+    """
+    if (prompts is None) == (task_name is None or feature_lengths is None):
+        raise ValueError("rl.train_rl reads prompts from one source: task_name and "
+                         "feature_lengths (a T5 task) or prompts={'inputs': ..., "
+                         "'prompt_lengths': ...} (arrays); got "
+                         f"{'both' if prompts is not None else 'neither'}.")
+    if prompts is None:
+        from dera_t5x.data import pipeline  # noqa: PLC0415  (TensorFlow: the driver only)
+        return {"encoder_input_tokens": pipeline.load_split(
+            task_name, "train", feature_lengths).features["encoder_input_tokens"]}
+    unknown = sorted(set(prompts) - {"inputs", PROMPT_FEATURE})
+    inputs = np.asarray(prompts.get("inputs"))
+    if unknown or inputs.ndim != 2 or not len(inputs) or not np.issubdtype(inputs.dtype,
+                                                                          np.integer):
+        raise ValueError("RL prompts must be {'inputs': integer array [n, in_len], n >= 1, "
+                         f"optional 'prompt_lengths': [n]}}; got keys {sorted(prompts)} and "
+                         f"inputs of shape {inputs.shape}, dtype {inputs.dtype}.")
+    arrays = {"encoder_input_tokens": inputs.astype(np.int32)}
+    if prompts.get(PROMPT_FEATURE) is not None:
+        protocol.check_prompt_lengths(prompts[PROMPT_FEATURE], inputs, "RL prompt_lengths")
+        arrays[PROMPT_FEATURE] = np.asarray(prompts[PROMPT_FEATURE], np.int32)
+    return arrays
 
 
 def steps_for_beta(num_steps: int, beta: float, reference_beta: float | None,
@@ -536,10 +589,11 @@ def scale_policy_updates(optimizer: optax.GradientTransformation, scale: float
                                                lambda params: {k: k == "policy" for k in params}))
 
 
-@gin.configurable(denylist=["model_dir", "model", "params_ref", "reward"])
+@gin.configurable(denylist=["model_dir", "model", "params_ref", "reward", "prompts"])
 def train_rl(model_dir: str, *, model: models.Model, params_ref: Params,
-             reward: rewards.Reward, task_name: str = gin.REQUIRED,
-             feature_lengths: dict[str, int] = gin.REQUIRED, max_decode_len: int | None = None,
+             reward: rewards.Reward, task_name: str | None = None,
+             feature_lengths: dict[str, int] | None = None,
+             prompts: Mapping[str, np.ndarray] | None = None, max_decode_len: int | None = None,
              batch_size: int = 16, num_steps: int = 100, config: RLConfig | None = None,
              optimizer: optax.GradientTransformation | None = None, seed: int = 0,
              checkpoint_every: int = 50, mesh_shape: Sequence[int] | None = None,
@@ -557,7 +611,12 @@ def train_rl(model_dir: str, *, model: models.Model, params_ref: Params,
     (`policy_learning_rate_scale`): the optimum is closer and the drift of
     a full-size step costs more.
 
-    Prompts are the task's train-split inputs; each RL step is `rl_step`. A
+    Prompts are the train-split inputs of `task_name` (at `feature_lengths`)
+    or, instead, `prompts`: arrays a caller builds, `inputs` [n, in_len] and,
+    for a decoder-only model, right-padded with `prompt_lengths` [n]
+    (`protocol`); rewards read the padded prompts and the responses, and
+    per-token rewards end each response at the policy's EOS ids
+    (`rewards.Reward.token_rewards`). Each RL step is `rl_step`. A
     model_dir holding the final step returns its policy at once (resume and
     caching come from `trainer.train_loop`). Batches whose reward is not
     finite are skipped, logged and counted (`skipped_batches` in the metrics).
@@ -587,12 +646,20 @@ def train_rl(model_dir: str, *, model: models.Model, params_ref: Params,
                                        or max_decode_len < 1):
         raise ValueError(f"rl.train_rl.max_decode_len must be an integer >= 1 or None (then "
                          f"RLConfig.max_decode_len), got {max_decode_len!r}.")
+    arrays = _prompt_arrays(task_name, feature_lengths, prompts)
     config = config or RLConfig()
     config = dataclasses.replace(config, max_decode_len=max_decode_len or config.max_decode_len)
     num_steps = steps_for_beta(num_steps, config.beta, num_steps_reference_beta, max_num_steps)
     model.check_params(params_ref, "The reference parameter set")
-    settings = {"model_config": model.config, "task_name": task_name,
-                "feature_lengths": feature_lengths, "batch_size": batch_size, "seed": seed,
+    # Traced, not compiled: a missing or unexpected prompt_lengths, or prompts
+    # too long for the model's positions, fail here with the model's message.
+    lengths = arrays.get(PROMPT_FEATURE)
+    jax.eval_shape(lambda p, x, n: model.prefill(p, x, config.max_decode_len, prompt_lengths=n),
+                   params_ref, arrays["encoder_input_tokens"][:1],
+                   None if lengths is None else lengths[:1])
+    source = ({"task_name": task_name, "feature_lengths": feature_lengths} if prompts is None
+              else {"prompts": integrity.fingerprint(integrity.tree_checksums(arrays))})
+    settings = {"model_config": model.config, **source, "batch_size": batch_size, "seed": seed,
                 "config": config, "reward": reward.name,
                 "reward_params": integrity.params_fingerprint(reward.params),
                 "reference": integrity.params_fingerprint(params_ref)}
@@ -606,9 +673,6 @@ def train_rl(model_dir: str, *, model: models.Model, params_ref: Params,
         optimizer if optimizer is not None else make_optimizer(),
         policy_learning_rate_scale(config.beta, learning_rate_reference_beta))
     steps = make_step_functions(model, config, optimizer, reward)
-    from dera_t5x.data import pipeline  # noqa: PLC0415  (TensorFlow: the driver only)
-    prompts = pipeline.load_split(task_name, "train", feature_lengths).features[
-        "encoder_input_tokens"]
     params = init_params(jax.tree_util.tree_map(jnp.copy, params_ref), model.hidden_size)
     # The objective of the last LOG_EVERY steps (fewer after a start): each
     # logged line holds their mean and sd, the convergence check's data.
@@ -618,7 +682,8 @@ def train_rl(model_dir: str, *, model: models.Model, params_ref: Params,
         rng, rollout_rng = jax.random.split(state.rng)
         params, opt_state, metrics = rl_step(steps, config, state.params, state.opt_state,
                                              params_ref, reward_params,
-                                             batch["encoder_input_tokens"], rollout_rng)
+                                             batch["encoder_input_tokens"], rollout_rng,
+                                             batch.get(PROMPT_FEATURE))
         skipped = state.skipped_batches + (metrics is None)
         if metrics is None:
             logging.warning("RL step %d: non-finite reward, batch skipped (%d so far).",
@@ -635,8 +700,7 @@ def train_rl(model_dir: str, *, model: models.Model, params_ref: Params,
 
     state = trainer.train_loop(
         trainer.TrainState.create(params, optimizer, seed), step,
-        lambda start: batching.train_batches({"encoder_input_tokens": prompts}, batch_size,
-                                             seed, start),
+        lambda start: batching.train_batches(arrays, batch_size, seed, start),
         num_steps=num_steps, model_dir=model_dir, checkpoint_every=checkpoint_every,
         description=f"rl beta={config.beta:g}", partitioner=partitioner, settings=settings)
     return state.params["policy"]

@@ -187,7 +187,8 @@ class EncoderDecoderModel:
     def predict(self, params: Params, encoder_input_tokens: Array, rng: Array, *,
                 max_decode_len: int, temperature: float | Array = 0.0, top_k: int = 0,
                 top_p: float = 1.0, chunk_size: int | None = None, repeats: int = 1,
-                partitioner: Any = None) -> decoding.DecodeOutput:
+                partitioner: Any = None, prompt_lengths: Array | None = None
+                ) -> decoding.DecodeOutput:
         """Samples (greedy by default) with the cached loop; call under `jax.jit`
         (max_decode_len, top_k, top_p, chunk_size, repeats static;
         `decoding.sample`). `repeats` samples per input row, consecutive rows.
@@ -198,7 +199,7 @@ class EncoderDecoderModel:
         caller's (`partitioner.shard_params`, `shard_batch`).
         """
         logits, cache = self.prefill(params, encoder_input_tokens, max_decode_len,
-                                     repeats=repeats)
+                                     prompt_lengths=prompt_lengths, repeats=repeats)
         if partitioner is not None:
             cache = partitioner.constrain(cache, self.cache_axes(cache))
 
