@@ -224,10 +224,8 @@ def test_bad_pairs_and_settings_are_refused_before_anything_is_written(micro, tm
     assert not (tmp_path / "run").exists()
 
 
-def test_a_decoder_only_model_learns_preferences_with_prompt_lengths(tmp_path):
-    """Pairs of right-padded prompts with `prompt_lengths`: the padding is never
-    read, DPO learns the preference, and pairs without lengths or with lengths
-    outside the inputs are refused before anything is written."""
+def _decoder_only():
+    """A tiny random Llama-shaped model (EOS 2) and its params."""
     config = decoder_only_network.DecoderOnlyConfig(
         vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
         num_kv_heads=1, head_dim=8, max_position_embeddings=16, eos_token_ids=(2,))
@@ -235,6 +233,46 @@ def test_a_decoder_only_model_learns_preferences_with_prompt_lengths(tmp_path):
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map(lambda s: rng.normal(0, 0.3, s.shape).astype(np.float32),
                                     jax.eval_shape(model.init, jax.random.PRNGKey(0)))
+    return model, params
+
+
+def test_pairs_of_a_decoder_only_model_carry_prompt_lengths(tmp_path):
+    """`build` with `prompt_lengths`: the padding is never read, each pair keeps
+    its prompt's length through a file, and DPO trains on what it read."""
+    model, params = _decoder_only()
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(1, 7, 12).astype(np.int32)
+    inputs = rng.integers(3, 40, (12, 6)).astype(np.int32)
+    junk = np.where(np.arange(6) < lengths[:, None], inputs, 0).astype(np.int32)
+    reward = rewards.length_reward(eos_ids=model.eos_ids)
+    built = [preference_pairs.build(model, params, x, reward, tau=0.5, max_decode_len=5,
+                                    pairs_per_prompt=2, prompt_lengths=lengths, seed=3)
+             for x in (inputs, junk)]
+    (pairs, dropped), (pairs_junk, _) = built
+    assert len(pairs["inputs"]) + dropped == 24 and len(pairs["inputs"]) >= 20
+    for name in ("chosen", "rejected", "prompt_lengths"):
+        np.testing.assert_array_equal(pairs[name], pairs_junk[name])
+    row_of = {row.tobytes(): n for row, n in zip(inputs, lengths)}
+    assert [row_of[row.tobytes()] for row in pairs["inputs"]] == pairs["prompt_lengths"].tolist()
+    np.testing.assert_array_equal(pairs["chosen_reward"],
+                                  rewards.response_length(pairs["chosen"], model.eos_ids))
+    assert len(set(pairs["chosen_reward"].tolist())) > 1  # some responses end at the EOS
+    preference_pairs.write(tmp_path / "pairs.jsonl", pairs, {})
+    _, read = preference_pairs.read(tmp_path / "pairs.jsonl")
+    np.testing.assert_array_equal(read["prompt_lengths"], pairs["prompt_lengths"])
+    dpo.train_dpo(str(tmp_path / "run"), model=model, params_ref=params, pairs=read, beta=0.5,
+                  batch_size=4, num_steps=2, checkpoint_every=2)
+    with pytest.raises(ValueError, match=r"prompt_lengths must lie in \[1, 6\]"):
+        preference_pairs.build(model, params, inputs, reward, tau=0.5, max_decode_len=5,
+                               prompt_lengths=lengths + 6)
+
+
+def test_a_decoder_only_model_learns_preferences_with_prompt_lengths(tmp_path):
+    """Pairs of right-padded prompts with `prompt_lengths`: the padding is never
+    read, DPO learns the preference, and pairs without lengths or with lengths
+    outside the inputs are refused before anything is written."""
+    model, params = _decoder_only()
+    rng = np.random.default_rng(1)
     lengths = rng.integers(2, 7, 16).astype(np.int32)
     pairs = {"inputs": rng.integers(3, 40, (16, 6)).astype(np.int32),
              "prompt_lengths": lengths,

@@ -33,6 +33,7 @@ import numpy as np
 from dera_t5x import batching
 from dera_t5x import jsonl
 from dera_t5x import models
+from dera_t5x.models import protocol
 from dera_t5x.training import rewards
 
 Params = Any
@@ -41,12 +42,13 @@ LABELS = ("sampled", "soft")
 
 def build(model: models.Model, params: Params, prompts: np.ndarray, reward: rewards.Reward, *,
           tau: float, labels: str = "sampled", flip_rate: float = 0.0, max_decode_len: int,
-          pairs_per_prompt: int = 1, batch_size: int = 64, seed: int = 0
-          ) -> tuple[dict[str, np.ndarray], int]:
+          pairs_per_prompt: int = 1, batch_size: int = 64, seed: int = 0,
+          prompt_lengths: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], int]:
     """Samples and labels `pairs_per_prompt` pairs per prompt.
 
     Args:
-      prompts: [n, in_len] model inputs (T5: encoder input tokens).
+      prompts: [n, in_len] model inputs (T5: encoder input tokens; a
+        decoder-only model's right-padded prompts, with `prompt_lengths` [n]).
       reward: scores (prompt, response) rows.
       tau: the Bradley-Terry temperature (> 0).
       labels: 'sampled' (hard labels drawn from the preference probability)
@@ -57,7 +59,8 @@ def build(model: models.Model, params: Params, prompts: np.ndarray, reward: rewa
     Returns:
       (pairs, number dropped as identical): `inputs`, `chosen`, `rejected`
       [m, ...] int32, `preference` [m] float32 (P(chosen preferred)),
-      `chosen_reward`, `rejected_reward` [m] float32.
+      `chosen_reward`, `rejected_reward` [m] float32, and with prompt
+      lengths given, `prompt_lengths` [m] int32 (what `dpo.train_dpo` reads).
     """
     if not (np.isfinite(tau) and tau > 0):
         raise ValueError(f"tau must be a finite number > 0, got {tau!r}.")
@@ -67,19 +70,23 @@ def build(model: models.Model, params: Params, prompts: np.ndarray, reward: rewa
         raise ValueError(f"flip_rate must be in [0, 0.5], got {flip_rate!r}.")
     if not (isinstance(pairs_per_prompt, int) and pairs_per_prompt >= 1):
         raise ValueError(f"pairs_per_prompt must be an integer >= 1, got {pairs_per_prompt!r}.")
-    prompts = np.repeat(np.asarray(prompts), pairs_per_prompt, axis=0)
+    rows = {"p": np.repeat(np.asarray(prompts), pairs_per_prompt, axis=0)}
+    if prompt_lengths is not None:
+        protocol.check_prompt_lengths(prompt_lengths, prompts, "prompt_lengths")
+        rows["n"] = np.repeat(np.asarray(prompt_lengths, np.int32), pairs_per_prompt)
     key = jax.random.PRNGKey(seed)
 
     @jax.jit
-    def sample_pair(batch_prompts, rng):
-        both = jnp.concatenate([batch_prompts, batch_prompts], axis=0)
-        out = model.predict(params, both, rng, max_decode_len=max_decode_len, temperature=1.0)
-        scores = reward.apply(reward.params, both, out.tokens)
+    def sample_pair(batch, rng):
+        both = {k: jnp.concatenate([v, v], axis=0) for k, v in batch.items()}
+        out = model.predict(params, both["p"], rng, prompt_lengths=both.get("n"),
+                            max_decode_len=max_decode_len, temperature=1.0)
+        scores = reward.apply(reward.params, both["p"], out.tokens)
         return jnp.split(out.tokens, 2), jnp.split(scores, 2)
 
     columns: dict[str, list[np.ndarray]] = {name: [] for name in ("a", "b", "ra", "rb")}
-    for i, (batch, mask) in enumerate(batching.eval_batches({"p": prompts}, batch_size)):
-        (a, b), (ra, rb) = sample_pair(batch["p"], jax.random.fold_in(key, i))
+    for i, (batch, mask) in enumerate(batching.eval_batches(rows, batch_size)):
+        (a, b), (ra, rb) = sample_pair(batch, jax.random.fold_in(key, i))
         for name, value in (("a", a), ("b", b), ("ra", ra), ("rb", rb)):
             columns[name].append(np.asarray(value)[mask])
     a, b, ra, rb = (np.concatenate(columns[name]) for name in ("a", "b", "ra", "rb"))
@@ -98,12 +105,14 @@ def build(model: models.Model, params: Params, prompts: np.ndarray, reward: rewa
     distinct = ~np.all(a == b, axis=1)
     chosen = np.where(a_wins[:, None], a, b)
     rejected = np.where(a_wins[:, None], b, a)
-    pairs = {"inputs": np.asarray(prompts, np.int32)[distinct],
+    pairs = {"inputs": np.asarray(rows["p"], np.int32)[distinct],
              "chosen": chosen[distinct].astype(np.int32),
              "rejected": rejected[distinct].astype(np.int32),
              "preference": preference[distinct],
              "chosen_reward": np.where(a_wins, ra, rb)[distinct].astype(np.float32),
              "rejected_reward": np.where(a_wins, rb, ra)[distinct].astype(np.float32)}
+    if "n" in rows:
+        pairs["prompt_lengths"] = rows["n"][distinct]
     return pairs, int(np.sum(~distinct))
 
 
@@ -135,11 +144,13 @@ def read(path: str | pathlib.Path) -> tuple[dict[str, Any], dict[str, np.ndarray
     lines = pathlib.Path(path).read_text(encoding="utf-8").splitlines()
     header = json.loads(lines[0])["header"]
     records = [json.loads(line) for line in lines[1:]]
+    names = ["inputs", "chosen", "rejected", "preference", "chosen_reward", "rejected_reward"]
+    if records and "prompt_lengths" in records[0]:  # a decoder-only model's pairs
+        names.append("prompt_lengths")
     pairs = {name: np.asarray([r[name] for r in records],
                               np.float32 if name in ("preference", "chosen_reward",
                                                      "rejected_reward") else np.int32)
-             for name in ("inputs", "chosen", "rejected", "preference", "chosen_reward",
-                          "rejected_reward")}
+             for name in names}
     return header, pairs
 
 
