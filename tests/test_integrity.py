@@ -477,6 +477,8 @@ TINY_PIPELINE = [
     "reproduce.run.beta = 1.0", "reproduce.run.max_decode_len = 6",
     "reproduce.run.max_eval_examples = 4", "reproduce.run.eval_batch_size = 4",
     "reproduce.run.num_eval_samples = 1",
+    "distill.train_distill.num_steps = 2", "distill.train_distill.batch_size = 2",
+    "distill.train_distill.checkpoint_every = 2",
 ]
 
 

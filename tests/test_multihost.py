@@ -26,7 +26,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = t5_factories.TINY
 SETTINGS = dict(lambdas="0,0.5,1,2", batch_size=2, max_decode_len=8, inputs_length=32,
                 temperature=1.0, seed=3)
-NUM_INPUTS = 160
+NUM_INPUTS = 48
 
 _PROCESS = textwrap.dedent("""
     import json, sys
