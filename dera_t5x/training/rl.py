@@ -541,11 +541,13 @@ def _prompt_arrays(task_name: str | None, feature_lengths: dict[str, int] | None
       ValueError: both or neither source, or prompts that are not 2-D integer
         `inputs` with valid `prompt_lengths`.
     """
-    if (prompts is None) == (task_name is None or feature_lengths is None):
-        raise ValueError("rl.train_rl reads prompts from one source: task_name and "
-                         "feature_lengths (a T5 task) or prompts={'inputs': ..., "
-                         "'prompt_lengths': ...} (arrays); got "
-                         f"{'both' if prompts is not None else 'neither'}.")
+    sources = ("rl.train_rl reads prompts from one source: task_name and feature_lengths (a "
+               "T5 task) or prompts={'inputs': ..., 'prompt_lengths': ...} (arrays)")
+    if prompts is not None and (task_name is not None or feature_lengths is not None):
+        raise ValueError(f"{sources}; got both. Fix: unset task_name and feature_lengths.")
+    if prompts is None and (task_name is None or feature_lengths is None):
+        raise ValueError(f"{sources}; got task_name={task_name!r}, "
+                         f"feature_lengths={feature_lengths!r} and no prompts.")
     if prompts is None:
         from dera_t5x.data import pipeline  # noqa: PLC0415  (TensorFlow: the driver only)
         return {"encoder_input_tokens": pipeline.load_split(
