@@ -287,6 +287,29 @@ _EIGHT_DEVICES = textwrap.dedent("""
     params, history = run(partitioning.Partitioner((4, 2), model.param_axes))
     np.testing.assert_allclose(history, ref_history, rtol=1e-4, atol=1e-5)
     print("encoded once", "ok", history[-1])
+    # A decoder-only policy on right-padded prompts with prompt_lengths (split over
+    # 'data' with them), through train_rl: the same params.
+    import tempfile
+    from dera_t5x.models.decoder_only import network as decoder_only
+    model = models.for_config(decoder_only.DecoderOnlyConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+        num_kv_heads=2, head_dim=8, max_position_embeddings=32, eos_token_ids=(2,)))
+    ref = model.init(jax.random.PRNGKey(0))
+    rng = np.random.default_rng(1)
+    arrays = {"inputs": rng.integers(3, 40, (16, 6)).astype(np.int32),
+              "prompt_lengths": rng.integers(1, 7, 16).astype(np.int32)}
+    trained = []
+    for mesh_shape in (None, (2, 4)):
+        with tempfile.TemporaryDirectory() as model_dir:
+            trained.append(rl.train_rl(
+                model_dir, model=model, params_ref=ref, prompts=arrays,
+                reward=rewards.length_reward(eos_ids=model.eos_ids), batch_size=8,
+                num_steps=3, checkpoint_every=3, mesh_shape=mesh_shape,
+                config=rl.RLConfig(beta=0.1, max_decode_len=6), optimizer=optimizer))
+    assert not np.allclose(trained[0]["lm_head"]["kernel"], ref["lm_head"]["kernel"])
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+        np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5), trained[1], trained[0])
+    print("decoder-only", "ok")
 """)
 
 
@@ -294,10 +317,11 @@ _EIGHT_DEVICES = textwrap.dedent("""
 def test_rl_steps_on_eight_devices_match_one():
     """Policy, value head, optimizer state and reference on a (data, model)
     mesh, prompts split over 'data': the same rollouts, metrics and params,
-    also with the prompts encoded once for their samples."""
+    also with the prompts encoded once for their samples, and for a
+    decoder-only policy trained on prompt arrays."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count(" ok ") == 3, result.stdout
+    assert result.stdout.count(" ok ") == 3 and "decoder-only ok" in result.stdout, result.stdout
