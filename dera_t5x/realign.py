@@ -217,10 +217,8 @@ def _check_tokens(inputs, model: models.Model, prompt_lengths) -> tuple[Array, A
         if np.shape(lengths) != (shape[0],):
             raise ValueError(f"prompt_lengths must have shape ({shape[0]},), got "
                              f"{np.shape(lengths)}.")
-        if not isinstance(prompt_lengths, jax.core.Tracer) and (
-                np.min(lengths) < 1 or np.max(lengths) > shape[1]):
-            raise ValueError(f"prompt_lengths must be in [1, {shape[1]}] (an empty prompt has "
-                             f"nothing to continue), got {lengths.tolist()}.")
+        if not isinstance(prompt_lengths, jax.core.Tracer):
+            protocol.check_prompt_lengths(lengths, inputs, "prompt_lengths")
         prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
     return jnp.asarray(inputs, jnp.int32), prompt_lengths
 

@@ -270,7 +270,7 @@ def test_bad_input_fails_before_compiling(tmp_path_factory):
         with pytest.raises(ValueError, match="max_position_embeddings=64"):
             realign.dera_sweep(model, params_ref, params_aligned, prompts, [0.0, 1.0],
                                prompt_lengths=PROMPT_LENGTHS, **too_long)
-        with pytest.raises(ValueError, match="prompt_lengths must be in"):
+        with pytest.raises(ValueError, match="prompt_lengths must lie in"):
             realign.dera_decode(model, params_ref, params_aligned, prompts, 0.5,
                                 prompt_lengths=empty, **kwargs)
         with pytest.raises(ValueError, match="non-empty"):

@@ -116,6 +116,7 @@ def test_train_rl_on_prompt_arrays_learns_and_resumes_exactly(llama, tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("no lengths", "prompt_lengths"),
     ("lengths out of range", r"RL prompt_lengths must lie in \[1, 8\]"),
+    ("ids outside the vocabulary", r"RL prompts\['inputs'\] holds ids from .* outside"),
     ("two sources", "one source"),
     ("t5 with lengths", "prompt_lengths is for decoder-only models"),
 ])
@@ -127,6 +128,8 @@ def test_bad_prompts_are_refused_before_anything_is_written(llama, tmp_path, cas
         prompts.pop("prompt_lengths")
     elif case == "lengths out of range":
         prompts["prompt_lengths"] = np.array([3, 9, 5, 1], np.int32)
+    elif case == "ids outside the vocabulary":
+        prompts["inputs"][2, 0] = LLAMA["vocab_size"]
     elif case == "two sources":
         kwargs = dict(task_name="xsum_bundled", feature_lengths={"inputs": 8, "targets": 8})
     else:

@@ -127,6 +127,19 @@ def check_repeats(inputs: Array, responses: Array | None, repeats: int,
                          "response rows.")
 
 
+def check_token_ids(values: Any, vocab_size: int, what: str) -> np.ndarray:
+    """`values` as a numpy array; raises ValueError (naming `what`, e.g. "RL
+    prompts['inputs']") unless it is a 2-D integer array of ids in [0, vocab_size)."""
+    values = np.asarray(values)
+    if values.ndim != 2 or not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"{what} must be a 2-D integer array of token ids, got shape "
+                         f"{values.shape} and dtype {values.dtype}.")
+    if values.size and (values.min() < 0 or values.max() >= vocab_size):
+        raise ValueError(f"{what} holds ids from {values.min()} to {values.max()}, outside "
+                         f"the model's vocabulary [0, {vocab_size}).")
+    return values
+
+
 def check_prompt_lengths(prompt_lengths: Any, inputs: Any, what: str) -> None:
     """Raises ValueError (naming `what`, e.g. "DPO prompt_lengths") unless
     prompt_lengths is a 1-D integer array with one entry per row of inputs

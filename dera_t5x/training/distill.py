@@ -79,18 +79,6 @@ def check_settings(lam: Any, data_source: str, init: str) -> float:
     return check_lambda(lam)
 
 
-def _check_ids(name: str, values: Any, model: models.Model) -> np.ndarray:
-    values = np.asarray(values)
-    if values.ndim != 2 or not np.issubdtype(values.dtype, np.integer):
-        raise ValueError(f"distillation data[{name!r}] must be a 2-D integer array of token "
-                         f"ids, got shape {values.shape} and dtype {values.dtype}.")
-    vocab = model.config.vocab_size
-    if values.size and (values.min() < 0 or values.max() >= vocab):
-        raise ValueError(f"distillation data[{name!r}] holds ids from {values.min()} to "
-                         f"{values.max()}, outside the model's vocabulary [0, {vocab}).")
-    return values
-
-
 def check_data(data: Mapping[str, Any], model: models.Model, data_source: str,
                what: str = "distillation data") -> None:
     """Refuses data the chosen source cannot use, naming what to fix.
@@ -109,7 +97,10 @@ def check_data(data: Mapping[str, Any], model: models.Model, data_source: str,
     if len(set(rows.values())) != 1 or not rows["inputs"]:
         raise ValueError(f"{what} must be non-empty with one row per example, got {rows}.")
     for name in need:
-        _check_ids(name, data[name], model)
+        protocol.check_token_ids(data[name], model.config.vocab_size, f"{what}[{name!r}]")
+    if data.get("prompt_lengths") is not None:
+        protocol.check_prompt_lengths(data["prompt_lengths"], data["inputs"],
+                                      f"{what}['prompt_lengths']")
     if data_source in TEACHER_FORCED:
         targets = np.asarray(data["targets"])
         empty = np.isin(targets[:, 0], model.banned_ids)

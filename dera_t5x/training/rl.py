@@ -529,17 +529,15 @@ def rl_step(steps: StepFunctions, config: RLConfig, params: Params, opt_state: A
     return params, opt_state, {k: float(v) for k, v in metrics.items()}
 
 
-PROMPT_FEATURE = "prompt_lengths"
-
-
 def _prompt_arrays(task_name: str | None, feature_lengths: dict[str, int] | None,
-                   prompts: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+                   prompts: Mapping[str, np.ndarray] | None, vocab_size: int
+                   ) -> dict[str, np.ndarray]:
     """RL's prompts as batchable arrays ('encoder_input_tokens' and, when
     given, 'prompt_lengths'), from the task or from `prompts`.
 
     Raises:
-      ValueError: both or neither source, or prompts that are not 2-D integer
-        `inputs` with valid `prompt_lengths`.
+      ValueError: both or neither source, or prompts that are not a 2-D array
+        of ids in [0, vocab_size) with valid `prompt_lengths`.
     """
     sources = ("rl.train_rl reads prompts from one source: task_name and feature_lengths (a "
                "T5 task) or prompts={'inputs': ..., 'prompt_lengths': ...} (arrays)")
@@ -552,17 +550,14 @@ def _prompt_arrays(task_name: str | None, feature_lengths: dict[str, int] | None
         from dera_t5x.data import pipeline  # noqa: PLC0415  (TensorFlow: the driver only)
         return {"encoder_input_tokens": pipeline.load_split(
             task_name, "train", feature_lengths).features["encoder_input_tokens"]}
-    unknown = sorted(set(prompts) - {"inputs", PROMPT_FEATURE})
-    inputs = np.asarray(prompts.get("inputs"))
-    if unknown or inputs.ndim != 2 or not len(inputs) or not np.issubdtype(inputs.dtype,
-                                                                          np.integer):
-        raise ValueError("RL prompts must be {'inputs': integer array [n, in_len], n >= 1, "
-                         f"optional 'prompt_lengths': [n]}}; got keys {sorted(prompts)} and "
-                         f"inputs of shape {inputs.shape}, dtype {inputs.dtype}.")
+    if sorted(set(prompts) - {"prompt_lengths"}) != ["inputs"] or not len(prompts["inputs"]):
+        raise ValueError("RL prompts must be {'inputs': [n, in_len] token ids, n >= 1, "
+                         f"optional 'prompt_lengths': [n]}}; got keys {sorted(prompts)}.")
+    inputs = protocol.check_token_ids(prompts["inputs"], vocab_size, "RL prompts['inputs']")
     arrays = {"encoder_input_tokens": inputs.astype(np.int32)}
-    if prompts.get(PROMPT_FEATURE) is not None:
-        protocol.check_prompt_lengths(prompts[PROMPT_FEATURE], inputs, "RL prompt_lengths")
-        arrays[PROMPT_FEATURE] = np.asarray(prompts[PROMPT_FEATURE], np.int32)
+    if prompts.get("prompt_lengths") is not None:
+        protocol.check_prompt_lengths(prompts["prompt_lengths"], inputs, "RL prompt_lengths")
+        arrays["prompt_lengths"] = np.asarray(prompts["prompt_lengths"], np.int32)
     return arrays
 
 
@@ -648,14 +643,14 @@ def train_rl(model_dir: str, *, model: models.Model, params_ref: Params,
                                        or max_decode_len < 1):
         raise ValueError(f"rl.train_rl.max_decode_len must be an integer >= 1 or None (then "
                          f"RLConfig.max_decode_len), got {max_decode_len!r}.")
-    arrays = _prompt_arrays(task_name, feature_lengths, prompts)
+    arrays = _prompt_arrays(task_name, feature_lengths, prompts, model.config.vocab_size)
     config = config or RLConfig()
     config = dataclasses.replace(config, max_decode_len=max_decode_len or config.max_decode_len)
     num_steps = steps_for_beta(num_steps, config.beta, num_steps_reference_beta, max_num_steps)
     model.check_params(params_ref, "The reference parameter set")
     # Traced, not compiled: a missing or unexpected prompt_lengths, or prompts
     # too long for the model's positions, fail here with the model's message.
-    lengths = arrays.get(PROMPT_FEATURE)
+    lengths = arrays.get("prompt_lengths")
     jax.eval_shape(lambda p, x, n: model.prefill(p, x, config.max_decode_len, prompt_lengths=n),
                    params_ref, arrays["encoder_input_tokens"][:1],
                    None if lengths is None else lengths[:1])
@@ -685,7 +680,7 @@ def train_rl(model_dir: str, *, model: models.Model, params_ref: Params,
         params, opt_state, metrics = rl_step(steps, config, state.params, state.opt_state,
                                              params_ref, reward_params,
                                              batch["encoder_input_tokens"], rollout_rng,
-                                             batch.get(PROMPT_FEATURE))
+                                             batch.get("prompt_lengths"))
         skipped = state.skipped_batches + (metrics is None)
         if metrics is None:
             logging.warning("RL step %d: non-finite reward, batch skipped (%d so far).",
