@@ -43,6 +43,15 @@ class DecodeOutput(NamedTuple):
     aux_log_probs: dict[str, Array]
 
 
+def first_argmax(x: Array) -> Array:
+    """`jnp.argmax(x, axis=-1)`, the first index of the max (rows holding NaN
+    give x.shape[-1]), as two plain reduces: XLA:CPU runs argmax's variadic
+    reduce several times slower. Float indices are exact below 2**24."""
+    is_max = x == jnp.max(x, axis=-1, keepdims=True)
+    index = jnp.arange(x.shape[-1], dtype=jnp.float32)
+    return jnp.min(jnp.where(is_max, index, x.shape[-1]), axis=-1).astype(jnp.int32)
+
+
 def filter_logits(logits: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
     """Keeps the top-k tokens, then the top-p nucleus of what is left.
 
@@ -141,11 +150,13 @@ def sample(tokens_to_logits: TokensToLogits, init_cache: Any, rng: Array, *,
         filtered = scaled
         if filtering:
             filtered = jnp.where(greedy[:, None], scaled, filter_logits(scaled, top_k, top_p))
-        best = jnp.argmax(scaled, axis=-1)
+        best = first_argmax(scaled)
 
         def draw():
-            sampled = jax.random.categorical(jax.random.fold_in(rng, t), filtered, axis=-1)
-            return jnp.where(greedy, best, sampled)
+            # jax.random.categorical's Gumbel-max draw (the same noise, the same
+            # tokens), with its argmax as `first_argmax`.
+            noise = jax.random.gumbel(jax.random.fold_in(rng, t), filtered.shape, filtered.dtype)
+            return jnp.where(greedy, best, first_argmax(noise + filtered))
 
         # An all-greedy batch skips the draw (its noise would be thrown away).
         chosen = best if static_greedy else jax.lax.cond(all_greedy, lambda: best, draw)

@@ -103,6 +103,17 @@ def test_sampling_is_reproducible_and_follows_the_distribution():
     np.testing.assert_allclose(a.log_probs[:, 0], np.log(want)[tokens], atol=1e-5)
 
 
+def test_each_draw_is_jax_random_categorical_of_the_step():
+    """The loop's Gumbel-max draw (with its own argmax) picks, at every step t,
+    what `jax.random.categorical(fold_in(rng, t), logits / temperature)` picks."""
+    out = _sample(bigram_no_eos, temperature=1.7, batch=64, rng=5)
+    fed = _previous(np.asarray(out.tokens))
+    for t in range(STEPS):
+        want = jax.random.categorical(jax.random.fold_in(jax.random.PRNGKey(5), t),
+                                      NO_EOS_TABLE[fed[:, t]] / jnp.float32(1.7), axis=-1)
+        np.testing.assert_array_equal(out.tokens[:, t], want)
+
+
 def test_same_rng_and_logits_give_the_same_samples_whatever_the_model():
     def one_hot_model(tokens, cache):  # the same logits by a matmul, another cache
         logits = jax.nn.one_hot(tokens, VOCAB) @ TABLE

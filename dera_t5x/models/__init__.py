@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dera_t5x import decoding
 from dera_t5x.models import protocol
 from dera_t5x.models.decoder_only import model as decoder_only_model
 from dera_t5x.models.decoder_only import network as decoder_only_network
@@ -23,7 +24,7 @@ EOS_ID = t5_model.EOS_ID
 DECODER_START_ID = t5_model.DECODER_START_ID
 exclude_padding = t5_model.exclude_padding
 shift_right = t5_model.shift_right
-first_argmax = protocol.first_argmax
+first_argmax = decoding.first_argmax
 
 DecoderOnlyModel = decoder_only_model.DecoderOnlyModel
 _FAMILIES = {t5_network.T5Config: EncoderDecoderModel,

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dera_t5x import decoding
+
 Array = jax.Array
 Params = Any
 # Set on banned token ids: finite, so that mixing and masking never make NaN.
@@ -188,15 +190,6 @@ def repeat_prefill(model: Model, logits: Array, cache: Any, repeats: int) -> tup
         repeat_leaf, model.cache_axes(cache), cache, is_leaf=is_axes)
 
 
-def first_argmax(x: Array) -> Array:
-    """`jnp.argmax(x, axis=-1)`, the first index of the max (rows holding NaN
-    give x.shape[-1]), as two plain reduces: XLA:CPU runs argmax's variadic
-    reduce several times slower. Float indices are exact below 2**24."""
-    is_max = x == jnp.max(x, axis=-1, keepdims=True)
-    index = jnp.arange(x.shape[-1], dtype=jnp.float32)
-    return jnp.min(jnp.where(is_max, index, x.shape[-1]), axis=-1).astype(jnp.int32)
-
-
 def cross_entropy_metrics(logits: Array, targets: Array, weights: Array, *,
                           z_loss: float = 0.0, label_smoothing: float = 0.0
                           ) -> tuple[Array, dict[str, Array]]:
@@ -220,7 +213,7 @@ def cross_entropy_metrics(logits: Array, targets: Array, weights: Array, *,
     z_term = z_loss * jnp.square(log_z)
     num_tokens = jnp.maximum(jnp.sum(weights), 1.0)
     total = jnp.sum((cross_entropy + z_term) * weights) / num_tokens
-    correct = (first_argmax(logits) == targets).astype(jnp.float32)
+    correct = (decoding.first_argmax(logits) == targets).astype(jnp.float32)
     metrics = {
         "loss": total,
         "z_loss": jnp.sum(z_term * weights) / num_tokens,
