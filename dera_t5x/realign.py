@@ -212,13 +212,11 @@ def _check_tokens(inputs, model: models.Model, prompt_lengths) -> tuple[Array, A
             raise ValueError(f"The inputs must be token ids in [0, {vocab_size}) (the model's "
                              f"vocab_size), got ids from {int(low)} to {int(high)}.")
     if prompt_lengths is not None:
-        lengths = np.asarray(prompt_lengths) if not isinstance(
-            prompt_lengths, jax.core.Tracer) else prompt_lengths
-        if np.shape(lengths) != (shape[0],):
-            raise ValueError(f"prompt_lengths must have shape ({shape[0]},), got "
-                             f"{np.shape(lengths)}.")
         if not isinstance(prompt_lengths, jax.core.Tracer):
-            protocol.check_prompt_lengths(lengths, inputs, "prompt_lengths")
+            protocol.check_prompt_lengths(prompt_lengths, inputs, "prompt_lengths")
+        elif np.shape(prompt_lengths) != (shape[0],):
+            raise ValueError(f"prompt_lengths must have shape ({shape[0]},), got "
+                             f"{np.shape(prompt_lengths)}.")
         prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
     return jnp.asarray(inputs, jnp.int32), prompt_lengths
 

@@ -322,12 +322,12 @@ def score_rollouts(model: models.Model, config: RLConfig, params: Params,
     log_probs, values, entropy, log_softmax = policy_outputs(model, params, encoder_input_tokens,
                                                              responses, prompt_lengths)
     mask = protocol.response_mask(responses, model.eos_ids)
-    full = {} if prompt_lengths is None else {"prompt_lengths": prompt_lengths}
+    extra = {} if prompt_lengths is None else {"prompt_lengths": prompt_lengths}
     if config.kl_estimator == "full":
-        _, full["ref_log_softmax"] = next_token_log_softmax(model, params_ref,
+        _, extra["ref_log_softmax"] = next_token_log_softmax(model, params_ref,
                                                             encoder_input_tokens, responses,
                                                             prompt_lengths)
-        kl = token_kl(log_softmax, full["ref_log_softmax"]) * mask
+        kl = token_kl(log_softmax, extra["ref_log_softmax"]) * mask
     else:
         ref_log_probs = model.token_log_probs(
             params_ref, encoder_input_tokens, responses, exclude_banned=True,
@@ -338,10 +338,10 @@ def score_rollouts(model: models.Model, config: RLConfig, params: Params,
     advantages, returns, scale = advantages_and_returns(config, task_rewards, kl, values, mask,
                                                         beta)
     if config.kl_estimator == "full":
-        full["kl_coef"] = beta * scale
+        extra["kl_coef"] = beta * scale
     reward, sequence_kl = jnp.sum(task_rewards * mask, axis=1), jnp.sum(kl, axis=1)
     return {
-        **full,
+        **extra,
         "encoder_input_tokens": encoder_input_tokens,
         "responses": responses,
         "old_log_probs": log_probs,
@@ -643,11 +643,11 @@ def train_rl(model_dir: str, *, model: models.Model, params_ref: Params,
                                        or max_decode_len < 1):
         raise ValueError(f"rl.train_rl.max_decode_len must be an integer >= 1 or None (then "
                          f"RLConfig.max_decode_len), got {max_decode_len!r}.")
-    arrays = _prompt_arrays(task_name, feature_lengths, prompts, model.config.vocab_size)
     config = config or RLConfig()
     config = dataclasses.replace(config, max_decode_len=max_decode_len or config.max_decode_len)
     num_steps = steps_for_beta(num_steps, config.beta, num_steps_reference_beta, max_num_steps)
     model.check_params(params_ref, "The reference parameter set")
+    arrays = _prompt_arrays(task_name, feature_lengths, prompts, model.config.vocab_size)
     # Traced, not compiled: a missing or unexpected prompt_lengths, or prompts
     # too long for the model's positions, fail here with the model's message.
     lengths = arrays.get("prompt_lengths")
